@@ -1,0 +1,175 @@
+"""Input validation shared by every public function.
+
+Only structure, shapes, dtypes and devices are inspected, never tensor values, so the checks are
+free under ``torch.compile(fullgraph=True)`` (they turn into guards) and run before any large
+allocation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, get_args
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from . import _tree
+from ._types import Mode
+
+MODES: tuple[str, ...] = get_args(Mode)
+
+
+def check_mode(where: str, mode: Any, allowed: Sequence[str] = MODES) -> None:
+    if mode not in allowed:
+        raise ValueError(
+            f"{where}: unknown mode={mode!r}; expected one of {', '.join(map(repr, allowed))}. "
+            "'fwd-rev' (forward-over-reverse) is the default and usually fastest; 'rev-rev' "
+            "avoids forward-mode AD for ops that lack it."
+        )
+
+
+def check_chunk_size(where: str, chunk_size: Any) -> None:
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"{where}: chunk_size must be None or a positive int, got {chunk_size!r}.")
+
+
+def check_params(where: str, params: Any, name: str = "params") -> None:
+    """A non-empty pytree of floating tensors on one device."""
+    leaves = _tree.tree_leaves(params)
+    if not leaves:
+        raise ValueError(
+            f"{where}: {name} is an empty pytree (got {params!r}); there is nothing to "
+            "differentiate. Pass at least one floating-point tensor."
+        )
+    paths = _tree.tree_paths(params)
+    device = None
+    for path, leaf in zip(paths, leaves, strict=True):
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(
+                f"{where}: every leaf of {name} must be a torch.Tensor; {name}{path} is "
+                f"{type(leaf).__name__}. Pass non-differentiated values through *args instead."
+            )
+        if not leaf.is_floating_point():
+            raise TypeError(
+                f"{where}: {name}{path} has dtype {leaf.dtype}; only floating-point leaves can be "
+                "differentiated. Cast it (e.g. .double()) or pass it through *args instead."
+            )
+        if device is None:
+            device = leaf.device
+        elif leaf.device != device:
+            raise ValueError(
+                f"{where}: {name}{path} is on {leaf.device} but other leaves are on {device}; "
+                "move every leaf to one device first."
+            )
+
+
+def check_like(where: str, params: Any, v: Any, name: str = "v", *, batched: bool = False) -> int:
+    """``v`` matches ``params`` in structure, shapes, dtypes and device.
+
+    With ``batched=True`` every leaf of ``v`` carries one extra leading axis of a common size,
+    which is returned (``-1`` otherwise).
+    """
+    spec_p, spec_v = _tree.tree_structure(params), _tree.tree_structure(v)
+    if spec_p != spec_v:
+        raise ValueError(
+            f"{where}: {name} must have the pytree structure of params; got {spec_v} vs {spec_p}. "
+            f"Build {name} with hessfunc's tree helpers or torch.func's tree_map over params."
+        )
+    batch = -1
+    for path, p, t in zip(
+        _tree.tree_paths(params), _tree.tree_leaves(params), _tree.tree_leaves(v), strict=True
+    ):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}: {name}{path} must be a tensor, got {type(t).__name__}.")
+        shape = tuple(t.shape)
+        if batched:
+            if t.dim() != p.dim() + 1:
+                raise ValueError(
+                    f"{where}: {name}{path} must have a leading batch axis before params' shape "
+                    f"{tuple(p.shape)}; got {shape}."
+                )
+            if batch == -1:
+                batch = shape[0]
+            elif shape[0] != batch:
+                raise ValueError(
+                    f"{where}: every leaf of {name} needs the same leading batch size; "
+                    f"{name}{path} has {shape[0]}, an earlier leaf {batch}."
+                )
+            shape = shape[1:]
+        if shape != tuple(p.shape):
+            raise ValueError(
+                f"{where}: {name}{path} has shape {tuple(t.shape)} but params{path} has "
+                f"{tuple(p.shape)}{' (after the batch axis)' if batched else ''}."
+            )
+        if t.dtype != p.dtype:
+            raise TypeError(
+                f"{where}: {name}{path} has dtype {t.dtype} but params{path} has {p.dtype}; "
+                f"cast {name} with .to(params' dtype)."
+            )
+        if t.device != p.device:
+            raise ValueError(
+                f"{where}: {name}{path} is on {t.device} but params{path} is on {p.device}; "
+                f"move {name} with .to(device)."
+            )
+    return batch
+
+
+def scalar_fn(where: str, f: Callable[..., Any]) -> Callable[..., torch.Tensor]:
+    """Wrap ``f`` so a non-scalar or non-floating output raises a clear error.
+
+    The check reads only the output's shape and dtype, which are static under transforms and
+    under ``torch.compile``.
+    """
+
+    def wrapped(*a: Any, **kw: Any) -> torch.Tensor:
+        out = f(*a, **kw)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(
+                f"{where}: f must return a scalar tensor, got {type(out).__name__}. If f returns "
+                "(loss, aux), wrap it: lambda *a: f(*a)[0]."
+            )
+        if out.dim() != 0:
+            raise ValueError(
+                f"{where}: f must return a scalar (0-d) tensor, got shape {tuple(out.shape)}. "
+                "Reduce it first (e.g. .sum() or .mean()); for vector outputs use "
+                "torch.func.jacrev or hessfunc.ggn_vp."
+            )
+        if not out.is_floating_point():
+            raise TypeError(f"{where}: f must return a floating-point scalar, got {out.dtype}.")
+        return out
+
+    return wrapped
+
+
+@contextlib.contextmanager
+def second_order_kernels() -> Iterator[None]:
+    """Run ``f`` with kernels that have second derivatives.
+
+    The fused scaled-dot-product-attention kernels (flash, memory-efficient, and the CPU flash
+    kernel ``_scaled_dot_product_flash_attention_for_cpu``) have neither forward-mode AD nor a
+    differentiable backward (pytorch#117629, pytorch#128971), so any Hessian product through
+    ``F.scaled_dot_product_attention`` or ``nn.MultiheadAttention`` fails with them. The math
+    kernel is composed of differentiable ops; we select it for every second-order evaluation.
+    It costs O(L^2) memory in the sequence length, like the attention weights themselves.
+    """
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+_FWD_AD_MARKERS = ("forward AD", "forward mode AD", "jvp function")
+
+
+def forward_ad_hint(where: str, err: BaseException) -> NotImplementedError | None:
+    """A hessfunc error for an op inside ``f`` that lacks forward-mode AD, else ``None``."""
+    msg = str(err)
+    if not any(m in msg for m in _FWD_AD_MARKERS):
+        return None
+    first = msg.strip().splitlines()[0] if msg.strip() else type(err).__name__
+    return NotImplementedError(
+        f"{where}: an operation inside f has no forward-mode AD, which mode='fwd-rev' needs "
+        f"({first}). Pass mode='rev-rev' (reverse-over-reverse: same result, no forward mode), "
+        "or replace the op (for a custom autograd.Function, implement its jvp staticmethod)."
+    )

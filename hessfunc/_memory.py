@@ -1,0 +1,69 @@
+"""Memory estimates and the guard that refuses a dense matrix too large to hold."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Share of the currently available memory a dense result may take by default. Half leaves room
+# for the model, its activations and the vectorised tangents that build the matrix.
+DEFAULT_SHARE = 0.5
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory free on ``device`` right now (CPU: ``MemAvailable``; CUDA: ``mem_get_info``)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30  # unknown platform: assume a modest machine
+
+
+def dense_bytes(n: int, itemsize: int, chunk_size: int | None) -> int:
+    """Bytes to build an ``(n, n)`` matrix from ``n`` vectorised products.
+
+    Without chunking the basis (``n x n``) and the result (``n x n``) coexist; with chunks of
+    ``c`` directions the result is preallocated and each chunk adds a ``c x n`` basis and a
+    ``c x n`` block of products.
+    """
+    if chunk_size is None or chunk_size >= n:
+        return 2 * n * n * itemsize
+    return (n * n + 2 * chunk_size * n) * itemsize
+
+
+def _gib(b: float) -> str:
+    return f"{b / 2**30:.3g} GiB"
+
+
+def guard(
+    where: str,
+    n: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    chunk_size: int | None,
+    max_bytes: int | None,
+) -> None:
+    """Refuse (before allocating anything) a dense ``(n, n)`` build over the memory budget."""
+    need = dense_bytes(n, torch.empty((), dtype=dtype).element_size(), chunk_size)
+    if max_bytes is None:
+        budget = int(DEFAULT_SHARE * available_bytes(device))
+        budget_txt = f"{_gib(budget)}, half of the memory available on {device}"
+    else:
+        budget, budget_txt = int(max_bytes), f"max_bytes={_gib(max_bytes)}"
+    if need > budget:
+        raise MemoryError(
+            f"{where}: a dense {n} x {n} {dtype} matrix needs about {_gib(need)}, over the "
+            f"budget of {budget_txt}. Use the matrix-free products instead (hessfunc.hvp, "
+            "hessfunc.hvps: about 2 gradients each, memory of one gradient), pass a small "
+            "chunk_size to drop the n x n basis, or raise max_bytes if you know it fits."
+        )
