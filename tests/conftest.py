@@ -1,0 +1,58 @@
+"""Shared test configuration: float64 by default, one tolerance table, Hypothesis profiles."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+torch.set_default_dtype(torch.float64)
+
+# One table of tolerances, keyed by dtype and by what is compared (see STYLE.md's observations:
+# exact-vs-exact agrees to rounding; finite differences lose about half the digits).
+TOL = {
+    # exact vs exact: two AD modes, chunked vs unchunked, compiled vs eager, closed forms
+    ("exact", torch.float64): dict(rtol=1e-10, atol=1e-10),
+    ("exact", torch.float32): dict(rtol=1e-5, atol=1e-5),
+    # finite differences of exact gradients vs exact HVP
+    ("fd", torch.float64): dict(rtol=1e-6, atol=1e-7),
+    ("fd", torch.float32): dict(rtol=1e-2, atol=1e-3),
+}
+
+
+def tol(kind: str, dtype: torch.dtype) -> dict:
+    return TOL[(kind, dtype)]
+
+
+settings.register_profile(
+    "ci",
+    max_examples=40,
+    derandomize=True,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "dev",
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def assert_close(actual, expected, kind: str = "exact", dtype: torch.dtype | None = None) -> None:
+    """Leafwise ``torch.testing.assert_close`` with the table's tolerance for the dtype."""
+    from hessfunc import _tree
+
+    la, le = _tree.tree_leaves(actual), _tree.tree_leaves(expected)
+    assert _tree.tree_structure(actual) == _tree.tree_structure(expected)
+    for a, e in zip(la, le, strict=True):
+        torch.testing.assert_close(a, e, **tol(kind, dtype or e.dtype))
