@@ -15,6 +15,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import _tree
+from ._decomp import CompositeNorms
 from ._types import Mode
 
 MODES: tuple[str, ...] = get_args(Mode)
@@ -154,8 +155,11 @@ def second_order_kernels() -> Iterator[None]:
     ``F.scaled_dot_product_attention`` or ``nn.MultiheadAttention`` fails with them. The math
     kernel is composed of differentiable ops; we select it for every second-order evaluation.
     It costs O(L^2) memory in the sequence length, like the attention weights themselves.
+
+    Normalisation layers are routed to composite forms at the same time (``_decomp``), because
+    torch.func's second derivatives through their fused kernels are wrong.
     """
-    with sdpa_kernel(SDPBackend.MATH):
+    with sdpa_kernel(SDPBackend.MATH), CompositeNorms():
         yield
 
 
