@@ -196,3 +196,17 @@ def blocks_from_matrix(matrix: torch.Tensor, tree: PyTree) -> PyTree:
         row = [matrix[a:b, c:d].reshape(*si, *sj) for c, d, sj in slices]
         rows.append(tree_unflatten(spec, row))
     return tree_unflatten(spec, rows)
+
+
+# ----------------------------------------------------------------------------- per-sample rows
+
+
+def row_vdot(a: PyTree, b: PyTree) -> torch.Tensor:
+    """``(N,)``: for each index ``i`` of the leading axis, the sum over leaves of ``<a_i, b_i>``."""
+    terms = [(x * y).reshape(x.shape[0], -1).sum(1) for x, y in zip(tree_leaves(a), tree_leaves(b), strict=True)]
+    return torch.stack(terms).sum(0)
+
+
+def row_scale(s: torch.Tensor, a: PyTree) -> PyTree:
+    """Every leaf of ``a`` with row ``i`` of its leading axis multiplied by ``s[i]``."""
+    return tree_map(lambda x: s.reshape(-1, *([1] * (x.dim() - 1))) * x, a)

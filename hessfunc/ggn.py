@@ -1,0 +1,269 @@
+r"""Generalised Gauss-Newton products, matrix-free: :math:`G v = J^\top H_\ell J v`.
+
+For a loss :math:`L(\theta) = \ell(m(\theta))` with model outputs :math:`f = m(\theta)`, the
+Hessian splits as
+
+.. math:: \nabla^2 L = J^\top H_\ell J + \sum_k \frac{\partial \ell}{\partial f_k}
+   \nabla^2 f_k, \qquad J = \partial f / \partial \theta,\ H_\ell = \nabla^2_f \ell,
+
+and the generalised Gauss-Newton matrix :math:`G = J^\top H_\ell J` drops the second (residual)
+term. :math:`G` is positive semi-definite whenever :math:`\ell` is convex in the outputs, and
+equals the Fisher information when :math:`\ell` is an exponential-family negative
+log-likelihood in its natural parameters (see :mod:`hessfunc.losses`).
+
+The model and loss are separate: ``model_fn(params, *args) -> outputs`` (any pytree of tensors)
+and ``loss_fn(outputs) -> scalar``, whose targets are closed over or held by a loss object from
+:mod:`hessfunc.losses`. With such an object :math:`H_\ell u` is a closed form; any other callable
+gets it from autodiff in output space (forward-over-reverse of ``loss_fn``, cheap because the
+outputs are small).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.func import jacrev, jvp, vjp, vmap
+
+from . import _checks, _memory, _tree
+from ._types import Mode, PyTree
+from .hessian import _basis
+from .hvp import _with_fwd_hint
+from .losses import Loss
+
+__all__ = ["ggn_matrix", "ggn_vp", "ggn_vps"]
+
+
+def _linearise(
+    call: Callable[[PyTree], PyTree], params: PyTree, v: PyTree, mode: str
+) -> tuple[PyTree, PyTree, Callable[[PyTree], PyTree]]:
+    """``(f, J v, u -> J^T u)`` at ``params`` from a single forward pass of the model.
+
+    ``"fwd-rev"``: the forward pass carries the tangent ``v`` (``jvp``) inside a ``vjp``; ``J v``
+    leaves as auxiliary output, so the pullback only runs back through the primal outputs: a
+    plain first-order backward, never reverse-over-forward through a tangent.
+    ``"rev-rev"``: no forward mode at all. ``u -> J^T u`` is linear in ``u``, so its VJP at any
+    ``u`` (zero here) along ``v`` is ``J v`` (the double-VJP trick), again sharing the forward.
+    """
+    if mode == "fwd-rev":
+
+        def primal_and_tangent(p: PyTree) -> tuple[PyTree, PyTree]:
+            return jvp(call, (p,), (v,))
+
+        out, pullback, jv = vjp(primal_and_tangent, params, has_aux=True)
+    else:
+        out, pullback = vjp(call, params)
+        zeros = _tree.zeros_like(out)
+        jv = vjp(lambda u: pullback(u)[0], zeros)[1](v)[0]
+    return out, jv, lambda u: pullback(u)[0]
+
+
+def _output_hvp(where: str, loss_fn: Callable[[PyTree], torch.Tensor]) -> Callable:
+    """``(outputs, u) -> H_ℓ u``: closed form for hessfunc losses, else autodiff.
+
+    ``jvp`` of ``jacrev`` rather than of ``grad``: ``jvp(grad(L))`` raises "ZeroTensors are
+    immutable" when ``L`` uses ``F.mse_loss`` (pytorch#123996).
+    """
+    if isinstance(loss_fn, Loss):
+        return loss_fn.hvp
+    if not callable(loss_fn):
+        raise TypeError(
+            f"{where}: loss_fn must be callable as loss_fn(outputs) -> scalar, got "
+            f"{type(loss_fn).__name__}. Close over the targets: lambda out: F.mse_loss(out, y)."
+        )
+    grad_out = jacrev(_checks.scalar_fn(where, loss_fn))
+    return lambda out, u: jvp(grad_out, (out,), (u,))[1]
+
+
+def _check_model_fn(where: str, model_fn: Any) -> None:
+    if not callable(model_fn):
+        raise TypeError(
+            f"{where}: model_fn must be callable as model_fn(params, *args) -> outputs, got "
+            f"{type(model_fn).__name__}."
+        )
+
+
+def _ggn_product(
+    where: str,
+    model_fn: Callable[..., PyTree],
+    loss_fn: Callable[[PyTree], torch.Tensor],
+    mode: str,
+    args: tuple[Any, ...],
+) -> Callable[[PyTree, PyTree], PyTree]:
+    """``(params, v) -> G v``; call it inside ``second_order_kernels()``."""
+    hvp_out = _output_hvp(where, loss_fn)
+
+    def product(params: PyTree, v: PyTree) -> PyTree:
+        out, jv, pullback = _linearise(lambda p: model_fn(p, *args), params, v, mode)
+        return pullback(hvp_out(out, jv))
+
+    return product
+
+
+def ggn_vp(
+    model_fn: Callable[..., PyTree],
+    loss_fn: Callable[[PyTree], torch.Tensor],
+    params: PyTree,
+    v: PyTree,
+    *args: Any,
+    mode: Mode = "fwd-rev",
+) -> PyTree:
+    r"""Exact generalised Gauss-Newton-vector product :math:`G v = J^\top H_\ell J v`.
+
+    :math:`J v` by forward mode, :math:`H_\ell (J v)` in output space, then one VJP; the
+    Jacobian is never formed and one forward pass of the model serves both directions.
+
+    Args:
+        model_fn: ``model_fn(params, *args) -> outputs``, any pytree of tensors.
+        loss_fn: ``loss_fn(outputs) -> scalar``: a :mod:`hessfunc.losses` object (closed-form
+            output curvature) or any callable with the targets closed over (autodiff).
+        params: a pytree of floating tensors.
+        v: a pytree like ``params`` (structure, shapes, dtypes, device).
+        *args: passed to ``model_fn`` as is, never differentiated.
+        mode: ``"fwd-rev"`` (default): ``jvp`` for :math:`Jv`. ``"rev-rev"``: no forward-mode AD
+            (for ops that lack it): :math:`Jv` as the VJP of the linear map :math:`u \mapsto
+            J^\top u`.
+
+    Returns:
+        A pytree like ``params``: :math:`Gv`.
+
+    Cost:
+        ``"fwd-rev"``: one forward pass carrying one tangent and one backward pass, about 2-3
+        gradient evaluations (less than :func:`hessfunc.hvp`, which also differentiates the
+        backward pass); memory of one gradient plus the tangent activations. Output-space work
+        is negligible. ``"rev-rev"``: one forward and three backward passes (about 4
+        gradients), memory of a differentiable backward graph.
+
+    Example:
+        A linear model with summed squared error has :math:`G = 2 X^\top X`, equal to the
+        Hessian:
+
+        >>> import torch, hessfunc.ggn as ggn
+        >>> from hessfunc.losses import MSELoss
+        >>> X = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+        >>> model = lambda w, X: X @ w
+        >>> w, v = torch.zeros(2, dtype=torch.float64), torch.tensor([1.0, 0.0], dtype=torch.float64)
+        >>> ggn.ggn_vp(model, MSELoss(torch.ones(2, dtype=torch.float64), reduction="sum"), w, v, X)
+        tensor([20., 28.], dtype=torch.float64)
+    """
+    where = "hessfunc.ggn_vp(model_fn, loss_fn, params, v, *args)"
+    _checks.check_mode(where, mode)
+    _check_model_fn(where, model_fn)
+    _checks.check_params(where, params)
+    _checks.check_like(where, params, v)
+    product = _ggn_product(where, model_fn, loss_fn, mode, args)
+    with _checks.second_order_kernels():
+        return _with_fwd_hint(where, lambda: product(params, v))
+
+
+def ggn_vps(
+    model_fn: Callable[..., PyTree],
+    loss_fn: Callable[[PyTree], torch.Tensor],
+    params: PyTree,
+    vs: PyTree,
+    *args: Any,
+    mode: Mode = "fwd-rev",
+    chunk_size: int | None = None,
+) -> PyTree:
+    r"""GGN times a batch of directions, vectorised with ``vmap``.
+
+    Args:
+        model_fn: ``model_fn(params, *args) -> outputs``.
+        loss_fn: ``loss_fn(outputs) -> scalar``, as in :func:`ggn_vp`.
+        params: a pytree of floating tensors.
+        vs: a pytree like ``params`` whose every leaf has one extra leading axis of size ``k``.
+        *args: passed to ``model_fn`` as is.
+        mode: ``"fwd-rev"`` or ``"rev-rev"``, as in :func:`ggn_vp`.
+        chunk_size: directions per vectorised pass (``None``: all ``k``); bounds peak memory.
+
+    Returns:
+        A pytree like ``vs``: entry ``[i]`` along the leading axis is :math:`G v_i`.
+
+    Cost:
+        ``k`` GGN products in ``ceil(k / chunk_size)`` vectorised passes. Under ``vmap`` the
+        primal forward does not depend on the direction, so it runs once per pass; tangents,
+        output-space products and backward passes are batched. Memory grows linearly with
+        ``chunk_size``.
+
+    Example:
+        >>> import torch, hessfunc.ggn as ggn
+        >>> from hessfunc.losses import MSELoss
+        >>> model = lambda w: 3.0 * w
+        >>> ggn.ggn_vps(model, MSELoss(torch.zeros(2), reduction="sum"), torch.ones(2), torch.eye(2))
+        tensor([[18.,  0.],
+                [ 0., 18.]])
+    """
+    where = "hessfunc.ggn_vps(model_fn, loss_fn, params, vs, *args)"
+    _checks.check_mode(where, mode)
+    _checks.check_chunk_size(where, chunk_size)
+    _check_model_fn(where, model_fn)
+    _checks.check_params(where, params)
+    _checks.check_like(where, params, vs, "vs", batched=True)
+    product = _ggn_product(where, model_fn, loss_fn, mode, args)
+    with _checks.second_order_kernels():
+        batched = vmap(lambda t: product(params, t), chunk_size=chunk_size)
+        return _with_fwd_hint(where, lambda: batched(vs))
+
+
+def ggn_matrix(
+    model_fn: Callable[..., PyTree],
+    loss_fn: Callable[[PyTree], torch.Tensor],
+    params: PyTree,
+    *args: Any,
+    mode: Mode = "fwd-rev",
+    chunk_size: int | None = None,
+    max_bytes: int | None = None,
+) -> torch.Tensor:
+    r"""The dense generalised Gauss-Newton matrix :math:`G = J^\top H_\ell J`, ``(n, n)``.
+
+    Rows and columns follow :func:`hessfunc.ravel` order (dicts in insertion order); row ``i``
+    is :math:`G e_i`. Mixed floating dtypes are promoted to their common dtype.
+
+    Args:
+        model_fn: ``model_fn(params, *args) -> outputs``.
+        loss_fn: ``loss_fn(outputs) -> scalar``, as in :func:`ggn_vp`.
+        params: a pytree of floating tensors.
+        *args: passed to ``model_fn`` as is.
+        mode: ``"fwd-rev"`` or ``"rev-rev"``, as in :func:`ggn_vp`.
+        chunk_size: basis directions per vectorised pass (``None``: all ``n``).
+        max_bytes: refuse (before allocating) when the estimate exceeds this; default half of
+            the memory available on the parameters' device.
+
+    Returns:
+        An ``(n, n)`` symmetric tensor; PSD when the loss is convex in the outputs.
+
+    Cost:
+        ``n`` GGN products in ``ceil(n / chunk_size)`` vectorised passes (about 2-3 gradients
+        each, batched); memory :math:`O(n^2)` plus ``chunk_size`` sets of tangent activations.
+
+    Example:
+        Logistic regression, :math:`G = X^\top \operatorname{diag}(\sigma(1-\sigma)) X`:
+
+        >>> import torch, hessfunc.ggn as ggn
+        >>> from hessfunc.losses import BCEWithLogitsLoss
+        >>> X = torch.tensor([[1.0, 0.0], [1.0, 2.0]], dtype=torch.float64)
+        >>> loss = BCEWithLogitsLoss(torch.ones(2, dtype=torch.float64), reduction="sum")
+        >>> G = ggn.ggn_matrix(lambda w, X: X @ w, loss, torch.zeros(2, dtype=torch.float64), X)
+        >>> torch.allclose(G, 0.25 * X.T @ X)
+        True
+    """
+    where = "hessfunc.ggn_matrix(model_fn, loss_fn, params, *args)"
+    _checks.check_mode(where, mode)
+    _checks.check_chunk_size(where, chunk_size)
+    _check_model_fn(where, model_fn)
+    _checks.check_params(where, params)
+    flat, unravel = _tree.ravel(params)
+    n = flat.numel()
+    _memory.guard(where, n, flat.dtype, flat.device, chunk_size, max_bytes)
+    product = _ggn_product(where, lambda z, *a: model_fn(unravel(z), *a), loss_fn, mode, args)
+    with _checks.second_order_kernels():
+        batched = vmap(lambda t: product(flat, t))
+        if chunk_size is None or chunk_size >= n:
+            return _with_fwd_hint(where, lambda: batched(_basis(0, n, n, flat)))
+        out = torch.empty(n, n, dtype=flat.dtype, device=flat.device)
+        for start in range(0, n, chunk_size):
+            stop = min(start + chunk_size, n)
+            basis = _basis(start, stop, n, flat)
+            out[start:stop] = _with_fwd_hint(where, lambda b=basis: batched(b))
+        return out

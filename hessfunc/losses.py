@@ -1,0 +1,587 @@
+r"""Loss objects with closed-form curvature in output space.
+
+Each loss holds its targets and is called on the model's outputs, ``loss(outputs) -> scalar``,
+with the value of the matching ``torch.nn.functional`` call. It also knows its output-space
+curvature and, being a negative log-likelihood, the predictive distribution of the model:
+
+- ``loss.hvp(outputs, u)``: :math:`\nabla^2_f L(f)\, u` in closed form, without forming the
+  matrix (for the softmax, :math:`(\operatorname{diag}(p) - p p^\top) u`);
+- ``loss.sample(outputs, generator)``: targets drawn from the predictive distribution
+  :math:`p(y \mid f)` (for the Monte-Carlo Fisher);
+- ``loss.per_sample(outputs)``: the unreduced per-sample losses :math:`\ell_i`, and
+  ``loss.scale(outputs)``: the reduction's factor :math:`c` with :math:`L = c \sum_i \ell_i`
+  (``1`` for ``"sum"``; for ``"mean"``, ``1/N`` for the classification losses, which average over
+  the batch, and ``1 / outputs.numel()`` for the element-wise losses, which average over every
+  element as ``F.mse_loss`` does).
+
+Row ``i`` of the outputs (axis 0) is sample ``i``. Every method validates shapes and dtypes only,
+so a loss built inside a function compiled with ``torch.compile(fullgraph=True)`` traces.
+``sample`` takes a ``torch.Generator``, which Dynamo cannot trace; its deterministic half,
+``sample_from_uniform``, compiles.
+
+Gauss-Newton equals Fisher: when the loss is the negative log-likelihood of an exponential family
+in its natural parameters, :math:`\nabla^2_f \ell = \mathbb{E}_{y \sim p(\cdot|f)}[\nabla_f
+\ell\, \nabla_f \ell^\top]`, so the generalised Gauss-Newton matrix and the Fisher coincide:
+:class:`MSELoss` (Gaussian with variance 1/2, mean ``f``), :class:`CrossEntropyLoss`
+(categorical, logits ``f``; with probability targets summing to one), :class:`BCEWithLogitsLoss`
+(Bernoulli, logit ``f``) and :class:`GaussianNLLLoss` with a fixed variance. They do not coincide
+for :class:`NLLLoss` (log-probabilities are not natural parameters: the loss is linear in them,
+so its GGN is zero) or for :class:`GaussianNLLLoss` when the model predicts the variance. The
+GGN is positive semi-definite whenever the loss is convex in the outputs: all of the above except
+:class:`GaussianNLLLoss` with a predicted variance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "BCEWithLogitsLoss",
+    "CrossEntropyLoss",
+    "GaussianNLLLoss",
+    "Loss",
+    "MSELoss",
+    "NLLLoss",
+]
+
+Reduction = Literal["mean", "sum"]
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    return tuple(x.shape)
+
+
+@dataclass(frozen=True, eq=False)
+class Loss:
+    """Base class: a negative log-likelihood with its targets, reduction ``"mean"`` or ``"sum"``.
+
+    Subclasses implement ``__call__``, ``hvp``, ``per_sample``, ``scale``,
+    ``sample_from_uniform`` and ``predictive``; ``sample`` and ``output_grads`` are shared.
+    """
+
+    def _where(self, method: str = "") -> str:
+        name = type(self).__name__
+        return f"hessfunc.losses.{name}(...){'.' + method if method else ''}"
+
+    def _check_reduction(self, reduction: Any) -> None:
+        if reduction not in ("mean", "sum"):
+            raise ValueError(
+                f"{self._where()}: reduction must be 'mean' or 'sum', got {reduction!r}. "
+                "Per-sample losses are available as .per_sample(outputs)."
+            )
+
+    def _check_tensor(self, method: str, outputs: Any, name: str = "outputs") -> None:
+        if not isinstance(outputs, torch.Tensor):
+            raise TypeError(
+                f"{self._where(method)}: {name} must be a tensor, got {type(outputs).__name__}."
+            )
+        if not outputs.is_floating_point():
+            raise TypeError(
+                f"{self._where(method)}: {name} must be floating-point, got {outputs.dtype}."
+            )
+
+    # -- shared --------------------------------------------------------------------------------
+
+    def noise_shape(self, outputs: Any) -> tuple[int, ...]:
+        """Shape of the uniform draws ``sample_from_uniform`` consumes for one sample."""
+        return _shape(outputs)
+
+    def sample(self, outputs: Any, generator: torch.Generator) -> torch.Tensor:
+        """Targets drawn from the model's predictive distribution :math:`p(y \\mid f)`.
+
+        Args:
+            outputs: the model's outputs at which the distribution is evaluated.
+            generator: the source of randomness (the global RNG is never used); draws happen on
+                the generator's device and move to the outputs' device.
+
+        Returns:
+            Targets in the form this loss accepts (class indices for the classification losses).
+        """
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"{self._where('sample')}: generator must be a torch.Generator, got "
+                f"{type(generator).__name__}. Create one with torch.Generator().manual_seed(0)."
+            )
+        ref = outputs[0] if isinstance(outputs, tuple) else outputs
+        self._check_tensor("sample", ref)
+        u = torch.rand(
+            self.noise_shape(outputs), generator=generator, dtype=ref.dtype, device=generator.device
+        )
+        return self.sample_from_uniform(outputs, u.to(ref.device))
+
+    def output_grads(self, outputs: Any) -> Any:
+        r"""Per-sample gradients in output space: row ``i`` is :math:`\partial \ell_i / \partial f_i`.
+
+        Computed by reverse mode through :meth:`per_sample` (its sum), so it is exact for every
+        loss; the result is shaped like ``outputs``.
+        """
+        return torch.func.grad(lambda o: self.per_sample(o).sum())(outputs)
+
+    # -- interface -----------------------------------------------------------------------------
+
+    def __call__(self, outputs: Any) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def hvp(self, outputs: Any, u: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def per_sample(self, outputs: Any) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def scale(self, outputs: Any) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def sample_from_uniform(self, outputs: Any, u: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def predictive(self, targets: torch.Tensor) -> Loss:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _std_normal(u: torch.Tensor) -> torch.Tensor:
+    """Standard normal draws from uniforms in [0, 1) by the inverse CDF."""
+    u = u.clamp(min=torch.finfo(u.dtype).tiny)
+    return math.sqrt(2.0) * torch.erfinv(2 * u - 1)
+
+
+def _gumbel_argmax(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Categorical draws (Gumbel-max) from unnormalised log-probabilities along the last axis."""
+    u = u.clamp(min=torch.finfo(u.dtype).tiny)
+    return torch.argmax(logits - torch.log(-torch.log(u)), dim=-1)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """Sum over every axis but the first (per-sample totals); 0-d counts as one sample."""
+    return x.reshape(x.shape[0], -1).sum(1) if x.dim() > 0 else x.reshape(1)
+
+
+# ---------------------------------------------------------------------------------- regression
+
+
+@dataclass(frozen=True, eq=False)
+class MSELoss(Loss):
+    r"""Mean squared error :math:`c \sum (f - y)^2`, as ``F.mse_loss(outputs, target)``.
+
+    ``"mean"`` averages over every element (:math:`c = 1/\text{numel}`), like torch. Output-space
+    Hessian :math:`2c\,I`; predictive distribution :math:`\mathcal N(f, \tfrac12 I)` (the
+    Gaussian whose negative log-likelihood is the squared error), so GGN = Fisher.
+
+    Args:
+        target: a floating tensor with the outputs' shape.
+        reduction: ``"mean"`` (default) or ``"sum"``.
+
+    Example:
+        >>> import torch
+        >>> from hessfunc.losses import MSELoss
+        >>> loss = MSELoss(torch.zeros(2, 2))
+        >>> loss.hvp(torch.ones(2, 2), torch.ones(2, 2))  # 2/4 * u
+        tensor([[0.5000, 0.5000],
+                [0.5000, 0.5000]])
+    """
+
+    target: torch.Tensor
+    reduction: Reduction = "mean"
+
+    def __post_init__(self) -> None:
+        self._check_reduction(self.reduction)
+        self._check_tensor("__init__", self.target, "target")
+
+    def _check(self, method: str, outputs: Any) -> None:
+        self._check_tensor(method, outputs)
+        if _shape(outputs) != _shape(self.target):
+            raise ValueError(
+                f"{self._where(method)}: outputs have shape {_shape(outputs)} but the target has "
+                f"{_shape(self.target)}; they must match (no broadcasting)."
+            )
+
+    def __call__(self, outputs: torch.Tensor) -> torch.Tensor:
+        self._check("__call__", outputs)
+        return F.mse_loss(outputs, self.target, reduction=self.reduction)
+
+    def scale(self, outputs: torch.Tensor) -> float:
+        return 1.0 / max(outputs.numel(), 1) if self.reduction == "mean" else 1.0
+
+    def hvp(self, outputs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        self._check("hvp", outputs)
+        return (2.0 * self.scale(outputs)) * u
+
+    def per_sample(self, outputs: torch.Tensor) -> torch.Tensor:
+        self._check("per_sample", outputs)
+        return _rows((outputs - self.target) ** 2)
+
+    def sample_from_uniform(self, outputs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return outputs.detach() + math.sqrt(0.5) * _std_normal(u)
+
+    def predictive(self, targets: torch.Tensor) -> MSELoss:
+        return replace(self, target=targets)
+
+
+@dataclass(frozen=True, eq=False)
+class GaussianNLLLoss(Loss):
+    r"""Gaussian negative log-likelihood, as ``F.gaussian_nll_loss(mean, target, var)``.
+
+    :math:`\ell = \tfrac12(\log s + (f - y)^2 / s)` element-wise with :math:`s = \max(v, \epsilon)`
+    (plus :math:`\tfrac12\log 2\pi` if ``full``); ``"mean"`` averages over every element. The
+    clamp is straight-through for derivatives, as in torch.
+
+    With a fixed ``var`` the outputs are the means: Hessian :math:`c/s` element-wise, convex, and
+    GGN = Fisher of :math:`\mathcal N(f, s)`. With ``var=None`` the model predicts it: outputs
+    are a pair ``(mean, var)`` of equal shapes, and the per-element Hessian in ``(mean, var)``,
+
+    .. math:: c\begin{pmatrix} 1/s & -d/s^2 \\ -d/s^2 & -1/(2s^2) + d^2/s^3 \end{pmatrix},
+       \quad d = f - y,
+
+    is indefinite, so the GGN is not PSD and differs from the Fisher.
+
+    Args:
+        target: floating tensor shaped like the means.
+        var: fixed variances, broadcastable as torch allows (same shape; one axis fewer; or one
+            axis of size 1), or ``None`` when the model outputs ``(mean, var)``.
+        full: add the constant :math:`\tfrac12 \log 2\pi`.
+        eps: clamp for the variance.
+        reduction: ``"mean"`` (default) or ``"sum"``.
+
+    Example:
+        >>> import torch
+        >>> from hessfunc.losses import GaussianNLLLoss
+        >>> loss = GaussianNLLLoss(torch.zeros(2), torch.tensor([0.5, 2.0]), reduction="sum")
+        >>> loss.hvp(torch.ones(2), torch.ones(2))
+        tensor([2.0000, 0.5000])
+    """
+
+    target: torch.Tensor
+    var: torch.Tensor | None = None
+    full: bool = False
+    eps: float = 1e-6
+    reduction: Reduction = "mean"
+
+    def __post_init__(self) -> None:
+        self._check_reduction(self.reduction)
+        self._check_tensor("__init__", self.target, "target")
+        if self.var is not None:
+            self._check_tensor("__init__", self.var, "var")
+            t, s = _shape(self.target), _shape(self.var)
+            ok = (
+                s == t
+                or s == t[:-1]
+                or (len(s) == len(t) and sum(a != b for a, b in zip(s, t)) == 1 and 1 in s)
+            )
+            if not ok:
+                raise ValueError(
+                    f"{self._where('__init__')}: var of shape {s} does not fit the target's {t}; "
+                    "use the same shape, one axis fewer, or a size-1 axis (torch's rules)."
+                )
+
+    def _split(self, method: str, outputs: Any) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """``(mean, clamped var, var is predicted)`` after checking the outputs' form."""
+        if self.var is None:
+            if not (isinstance(outputs, tuple) and len(outputs) == 2):
+                raise TypeError(
+                    f"{self._where(method)}: with var=None the model must output a pair "
+                    f"(mean, var); got {type(outputs).__name__}. Pass a fixed var to the loss "
+                    "if the model predicts the mean only."
+                )
+            mean, var = outputs
+            self._check_tensor(method, mean, "outputs[0] (mean)")
+            self._check_tensor(method, var, "outputs[1] (var)")
+            if _shape(var) != _shape(mean):
+                raise ValueError(
+                    f"{self._where(method)}: predicted var has shape {_shape(var)} but the mean "
+                    f"has {_shape(mean)}; they must match."
+                )
+            predicted = True
+        else:
+            if isinstance(outputs, tuple):
+                raise TypeError(
+                    f"{self._where(method)}: the loss holds a fixed var, so outputs must be the "
+                    "mean tensor alone; build the loss with var=None for (mean, var) outputs."
+                )
+            mean, var, predicted = outputs, self.var, False
+            self._check_tensor(method, mean)
+            if _shape(var) == _shape(mean)[:-1] and _shape(var) != _shape(mean):
+                var = var.unsqueeze(-1)
+        if _shape(mean) != _shape(self.target):
+            raise ValueError(
+                f"{self._where(method)}: the mean has shape {_shape(mean)} but the target has "
+                f"{_shape(self.target)}; they must match."
+            )
+        # Straight-through clamp: the value of max(var, eps), the derivative of var (torch's
+        # gaussian_nll_loss clamps a clone in place under no_grad, with the same effect).
+        s = var + (var.clamp(min=self.eps) - var).detach()
+        return mean, s, predicted
+
+    def _elementwise(self, method: str, outputs: Any) -> torch.Tensor:
+        mean, s, _ = self._split(method, outputs)
+        out = 0.5 * (torch.log(s) + (mean - self.target) ** 2 / s)
+        return out + 0.5 * math.log(2 * math.pi) if self.full else out
+
+    def __call__(self, outputs: Any) -> torch.Tensor:
+        out = self._elementwise("__call__", outputs)
+        return out.mean() if self.reduction == "mean" else out.sum()
+
+    def scale(self, outputs: Any) -> float:
+        mean = outputs[0] if isinstance(outputs, tuple) else outputs
+        return 1.0 / max(mean.numel(), 1) if self.reduction == "mean" else 1.0
+
+    def hvp(self, outputs: Any, u: Any) -> Any:
+        mean, s, predicted = self._split("hvp", outputs)
+        c = self.scale(outputs)
+        if not predicted:
+            return c * u / s
+        um, us = u
+        d = mean - self.target
+        s2 = s * s
+        hm = um / s - d * us / s2
+        hs = -d * um / s2 + (d * d / (s2 * s) - 0.5 / s2) * us
+        return (c * hm, c * hs)
+
+    def per_sample(self, outputs: Any) -> torch.Tensor:
+        return _rows(self._elementwise("per_sample", outputs))
+
+    def noise_shape(self, outputs: Any) -> tuple[int, ...]:
+        return _shape(self.target)
+
+    def sample_from_uniform(self, outputs: Any, u: torch.Tensor) -> torch.Tensor:
+        mean, s, _ = self._split("sample", outputs)
+        return mean.detach() + torch.sqrt(s.detach()) * _std_normal(u)
+
+    def predictive(self, targets: torch.Tensor) -> GaussianNLLLoss:
+        return replace(self, target=targets)
+
+
+# ------------------------------------------------------------------------------ classification
+
+
+def _check_logits(loss: Loss, method: str, outputs: Any, n_target: tuple[int, ...]) -> None:
+    loss._check_tensor(method, outputs)
+    if outputs.dim() != 2:
+        raise ValueError(
+            f"{loss._where(method)}: outputs must be (N, C) scores, got shape {_shape(outputs)}. "
+            "Flatten extra axes into the batch first (outputs.movedim(1, -1).reshape(-1, C))."
+        )
+    if _shape(outputs)[: len(n_target)] != n_target:
+        raise ValueError(
+            f"{loss._where(method)}: outputs have shape {_shape(outputs)} but the targets have "
+            f"{n_target}; the batch sizes (and for probability targets, classes) must match."
+        )
+
+
+def _check_indices(loss: Loss, target: Any) -> None:
+    if not isinstance(target, torch.Tensor) or target.dtype != torch.long or target.dim() != 1:
+        what = (
+            f"{target.dtype} tensor of shape {_shape(target)}"
+            if isinstance(target, torch.Tensor)
+            else type(target).__name__
+        )
+        raise TypeError(
+            f"{loss._where('__init__')}: target must be a 1-d int64 tensor of class indices "
+            f"(N,); got a {what}."
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class CrossEntropyLoss(Loss):
+    r"""Softmax cross-entropy on logits, as ``F.cross_entropy(outputs, target, ...)``.
+
+    With :math:`q_i` the smoothed target distribution of sample ``i``
+    (:math:`(1-\epsilon)\,\text{target} + \epsilon / C`), :math:`\ell_i = -\sum_k q_{ik}
+    \log\operatorname{softmax}(f_i)_k` and ``"mean"`` divides by the batch size ``N``. The
+    output-space Hessian is block-diagonal, :math:`c\, s_i (\operatorname{diag}(p_i) - p_i
+    p_i^\top)` with :math:`p_i = \operatorname{softmax}(f_i)` and :math:`s_i = \sum_k q_{ik}`
+    (1 for class indices), applied as :math:`s_i (p_i \odot u_i - p_i\, p_i^\top u_i)`. It is
+    PSD; with :math:`s_i = 1` the GGN equals the Fisher of the categorical predictive
+    distribution (sampled without label smoothing).
+
+    Args:
+        target: int64 class indices ``(N,)`` or floating class probabilities ``(N, C)``.
+            ``ignore_index`` and class weights are not supported.
+        label_smoothing: :math:`\epsilon \in [0, 1]`.
+        reduction: ``"mean"`` (default) or ``"sum"``.
+
+    Example:
+        >>> import torch
+        >>> from hessfunc.losses import CrossEntropyLoss
+        >>> loss = CrossEntropyLoss(torch.tensor([0]), reduction="sum")
+        >>> loss.hvp(torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]))  # p = (1/2, 1/2)
+        tensor([[ 0.2500, -0.2500]])
+    """
+
+    target: torch.Tensor
+    label_smoothing: float = 0.0
+    reduction: Reduction = "mean"
+
+    def __post_init__(self) -> None:
+        self._check_reduction(self.reduction)
+        if isinstance(self.target, torch.Tensor) and self.target.is_floating_point():
+            if self.target.dim() != 2:
+                raise ValueError(
+                    f"{self._where('__init__')}: probability targets must be (N, C), got shape "
+                    f"{_shape(self.target)}."
+                )
+        else:
+            _check_indices(self, self.target)
+        ls = self.label_smoothing
+        if isinstance(ls, bool) or not isinstance(ls, (int, float)) or not 0.0 <= ls <= 1.0:
+            raise ValueError(
+                f"{self._where('__init__')}: label_smoothing must be a float in [0, 1], got {ls!r}."
+            )
+
+    def _check(self, method: str, outputs: Any) -> None:
+        _check_logits(self, method, outputs, _shape(self.target))
+
+    def _q(self, outputs: torch.Tensor) -> torch.Tensor:
+        """The smoothed target distribution, ``(N, C)``."""
+        n_classes = outputs.shape[-1]
+        if self.target.is_floating_point():
+            q = self.target.to(outputs.dtype)
+        else:
+            q = F.one_hot(self.target, n_classes).to(outputs.dtype)
+        eps = float(self.label_smoothing)
+        return q if eps == 0.0 else (1.0 - eps) * q + eps / n_classes
+
+    def __call__(self, outputs: torch.Tensor) -> torch.Tensor:
+        self._check("__call__", outputs)
+        return F.cross_entropy(
+            outputs, self.target, reduction=self.reduction, label_smoothing=self.label_smoothing
+        )
+
+    def scale(self, outputs: torch.Tensor) -> float:
+        return 1.0 / max(outputs.shape[0], 1) if self.reduction == "mean" else 1.0
+
+    def hvp(self, outputs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        self._check("hvp", outputs)
+        p = torch.softmax(outputs, dim=-1)
+        pu = p * u
+        hu = pu - p * pu.sum(-1, keepdim=True)
+        if self.target.is_floating_point():  # probability targets need not sum to one
+            hu = self._q(outputs).sum(-1, keepdim=True) * hu
+        return self.scale(outputs) * hu
+
+    def per_sample(self, outputs: torch.Tensor) -> torch.Tensor:
+        self._check("per_sample", outputs)
+        return -(self._q(outputs) * torch.log_softmax(outputs, dim=-1)).sum(-1)
+
+    def sample_from_uniform(self, outputs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return _gumbel_argmax(outputs.detach(), u)
+
+    def predictive(self, targets: torch.Tensor) -> CrossEntropyLoss:
+        return replace(self, target=targets, label_smoothing=0.0)
+
+
+@dataclass(frozen=True, eq=False)
+class NLLLoss(Loss):
+    r"""Negative log-likelihood on log-probabilities, as ``F.nll_loss(outputs, target)``.
+
+    :math:`\ell_i = -f_{i, y_i}` with ``"mean"`` over the batch. The loss is linear in the
+    outputs, so its Hessian, and hence the GGN, is **zero**: the curvature lives in the model's
+    ``log_softmax``. Put the ``log_softmax`` into the loss (:class:`CrossEntropyLoss` on logits)
+    for a useful GGN. The Fisher of the predictive distribution :math:`y \sim
+    \operatorname{Cat}(\exp f)` is :math:`J^\top \operatorname{diag}(p) J` here, not zero.
+
+    Args:
+        target: int64 class indices ``(N,)``.
+        reduction: ``"mean"`` (default) or ``"sum"``.
+
+    Example:
+        >>> import torch
+        >>> from hessfunc.losses import NLLLoss
+        >>> logp = torch.log(torch.tensor([[0.25, 0.75]]))
+        >>> NLLLoss(torch.tensor([1]))(logp).exp()
+        tensor(1.3333)
+    """
+
+    target: torch.Tensor
+    reduction: Reduction = "mean"
+
+    def __post_init__(self) -> None:
+        self._check_reduction(self.reduction)
+        _check_indices(self, self.target)
+
+    def _check(self, method: str, outputs: Any) -> None:
+        _check_logits(self, method, outputs, _shape(self.target))
+
+    def __call__(self, outputs: torch.Tensor) -> torch.Tensor:
+        self._check("__call__", outputs)
+        return F.nll_loss(outputs, self.target, reduction=self.reduction)
+
+    def scale(self, outputs: torch.Tensor) -> float:
+        return 1.0 / max(outputs.shape[0], 1) if self.reduction == "mean" else 1.0
+
+    def hvp(self, outputs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        self._check("hvp", outputs)
+        return torch.zeros_like(u)
+
+    def per_sample(self, outputs: torch.Tensor) -> torch.Tensor:
+        self._check("per_sample", outputs)
+        return -outputs.gather(1, self.target.unsqueeze(1)).squeeze(1)
+
+    def sample_from_uniform(self, outputs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return _gumbel_argmax(outputs.detach(), u)
+
+    def predictive(self, targets: torch.Tensor) -> NLLLoss:
+        return replace(self, target=targets)
+
+
+@dataclass(frozen=True, eq=False)
+class BCEWithLogitsLoss(Loss):
+    r"""Binary cross-entropy on logits, as ``F.binary_cross_entropy_with_logits``.
+
+    Element-wise :math:`\ell = \log(1 + e^f) - y f`; ``"mean"`` averages over every element.
+    Hessian :math:`c\,\sigma(f)(1 - \sigma(f))` element-wise (independent of the target), PSD,
+    and GGN = Fisher of the Bernoulli predictive distribution.
+
+    Args:
+        target: floating tensor in [0, 1] with the outputs' shape (``pos_weight`` and
+            ``weight`` are not supported).
+        reduction: ``"mean"`` (default) or ``"sum"``.
+
+    Example:
+        >>> import torch
+        >>> from hessfunc.losses import BCEWithLogitsLoss
+        >>> BCEWithLogitsLoss(torch.ones(3), reduction="sum").hvp(torch.zeros(3), torch.ones(3))
+        tensor([0.2500, 0.2500, 0.2500])
+    """
+
+    target: torch.Tensor
+    reduction: Reduction = "mean"
+
+    def __post_init__(self) -> None:
+        self._check_reduction(self.reduction)
+        self._check_tensor("__init__", self.target, "target")
+
+    def _check(self, method: str, outputs: Any) -> None:
+        self._check_tensor(method, outputs)
+        if _shape(outputs) != _shape(self.target):
+            raise ValueError(
+                f"{self._where(method)}: outputs have shape {_shape(outputs)} but the target has "
+                f"{_shape(self.target)}; they must match."
+            )
+
+    def __call__(self, outputs: torch.Tensor) -> torch.Tensor:
+        self._check("__call__", outputs)
+        return F.binary_cross_entropy_with_logits(outputs, self.target, reduction=self.reduction)
+
+    def scale(self, outputs: torch.Tensor) -> float:
+        return 1.0 / max(outputs.numel(), 1) if self.reduction == "mean" else 1.0
+
+    def hvp(self, outputs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        self._check("hvp", outputs)
+        s = torch.sigmoid(outputs)
+        return self.scale(outputs) * (s * (1 - s)) * u
+
+    def per_sample(self, outputs: torch.Tensor) -> torch.Tensor:
+        self._check("per_sample", outputs)
+        return _rows(
+            F.binary_cross_entropy_with_logits(outputs, self.target, reduction="none")
+        )
+
+    def sample_from_uniform(self, outputs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return (u < torch.sigmoid(outputs.detach())).to(outputs.dtype)
+
+    def predictive(self, targets: torch.Tensor) -> BCEWithLogitsLoss:
+        return replace(self, target=targets)
