@@ -87,7 +87,12 @@ def _check_step(where: str, step: Any) -> None:
 
 
 def _least_precise(tree: PyTree) -> torch.dtype:
-    return max((leaf.dtype for leaf in _tree.tree_leaves(tree)), key=lambda d: torch.finfo(d).eps)
+    # A plain loop: dynamo has no handler for max(..., key=...) over a generator.
+    worst = None
+    for leaf in _tree.tree_leaves(tree):
+        if worst is None or torch.finfo(leaf.dtype).eps > torch.finfo(worst).eps:
+            worst = leaf.dtype
+    return worst
 
 
 def default_step(dtype: torch.dtype, order: int = 2) -> float:
