@@ -440,7 +440,10 @@ class CrossEntropyLoss(Loss):
         if self.target.is_floating_point():
             q = self.target.to(outputs.dtype)
         else:
-            q = F.one_hot(self.target, n_classes).to(outputs.dtype)
+            # not F.one_hot: it reads the indices' values (max) to validate them, which breaks
+            # vmap over sampled labels and torch.compile(fullgraph=True)
+            classes = torch.arange(n_classes, device=outputs.device)
+            q = (self.target.unsqueeze(-1) == classes).to(outputs.dtype)
         eps = float(self.label_smoothing)
         return q if eps == 0.0 else (1.0 - eps) * q + eps / n_classes
 
