@@ -193,7 +193,7 @@ def blocks_from_matrix(matrix: torch.Tensor, tree: PyTree) -> PyTree:
     slices = leaf_slices(tree)
     rows = []
     for a, b, si in slices:
-        row = [matrix[a:b, c:d].reshape(*si, *sj) for c, d, sj in slices]
+        row = [matrix[a:b, c:d].reshape(tuple(si) + tuple(sj)) for c, d, sj in slices]
         rows.append(tree_unflatten(spec, row))
     return tree_unflatten(spec, rows)
 
@@ -203,7 +203,8 @@ def blocks_from_matrix(matrix: torch.Tensor, tree: PyTree) -> PyTree:
 
 def row_vdot(a: PyTree, b: PyTree) -> torch.Tensor:
     """``(N,)``: for each index ``i`` of the leading axis, the sum over leaves of ``<a_i, b_i>``."""
-    terms = [(x * y).reshape(x.shape[0], -1).sum(1) for x, y in zip(tree_leaves(a), tree_leaves(b), strict=True)]
+    pairs = zip(tree_leaves(a), tree_leaves(b), strict=True)
+    terms = [(x * y).reshape(x.shape[0], -1).sum(1) for x, y in pairs]
     return torch.stack(terms).sum(0)
 
 

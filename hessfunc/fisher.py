@@ -97,11 +97,11 @@ def fisher_vp(
         >>> import torch
         >>> from hessfunc.fisher import fisher_vp
         >>> from hessfunc.losses import MSELoss
-        >>> X = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
-        >>> y = torch.tensor([1.0, 1.0], dtype=torch.float64)
-        >>> w, v = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+        >>> X = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+        >>> y, w, v = torch.ones(2), torch.zeros(2), torch.ones(2)
         >>> fisher_vp(lambda w, X: X @ w, MSELoss(y, reduction="sum"), w, v, X)
-        tensor([ 4., 16.], dtype=torch.float64)
+        tensor([ 4., 16.])
+
     """
     where = "hessfunc.fisher_vp(model_fn, loss, params, v, *args)"
     _checks.check_mode(where, mode)
@@ -207,6 +207,7 @@ def per_sample_grads(
         >>> per_sample_grads(f, torch.ones(2), X)
         tensor([[1., 0.],
                 [2., 2.]])
+
     """
     where = "hessfunc.per_sample_grads(f, params, *args)"
     _checks.check_chunk_size(where, chunk_size)
@@ -230,10 +231,10 @@ def per_sample_grads(
             continue
         for leaf in _tree.tree_leaves(a):
             if not isinstance(leaf, torch.Tensor) or not -leaf.dim() <= d < leaf.dim():
+                what = tuple(leaf.shape) if isinstance(leaf, torch.Tensor) else type(leaf).__name__
                 raise ValueError(
-                    f"{where}: args[{k}] is batched along axis {d} but has a leaf of "
-                    f"{'shape ' + str(tuple(leaf.shape)) if isinstance(leaf, torch.Tensor) else type(leaf).__name__}"
-                    "; pass None in in_dims for it or fix the axis."
+                    f"{where}: args[{k}] is batched along axis {d} but has a leaf {what}; pass "
+                    "None in in_dims for it or fix the axis."
                 )
             sizes.add(leaf.shape[d])
     if len(sizes) > 1:

@@ -60,7 +60,7 @@ def _linearise(
 
 
 def _output_hvp(where: str, loss_fn: Callable[[PyTree], torch.Tensor]) -> Callable:
-    """``(outputs, u) -> H_ℓ u``: closed form for hessfunc losses, else autodiff.
+    """Return ``(outputs, u) -> H_ℓ u``: closed form for hessfunc losses, else autodiff.
 
     ``jvp`` of ``jacrev`` rather than of ``grad``: ``jvp(grad(L))`` raises "ZeroTensors are
     immutable" when ``L`` uses ``F.mse_loss`` (pytorch#123996).
@@ -141,11 +141,12 @@ def ggn_vp(
 
         >>> import torch, hessfunc.ggn as ggn
         >>> from hessfunc.losses import MSELoss
-        >>> X = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+        >>> X = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
         >>> model = lambda w, X: X @ w
-        >>> w, v = torch.zeros(2, dtype=torch.float64), torch.tensor([1.0, 0.0], dtype=torch.float64)
-        >>> ggn.ggn_vp(model, MSELoss(torch.ones(2, dtype=torch.float64), reduction="sum"), w, v, X)
-        tensor([20., 28.], dtype=torch.float64)
+        >>> w, v = torch.zeros(2), torch.tensor([1.0, 0.0])
+        >>> ggn.ggn_vp(model, MSELoss(torch.ones(2), reduction="sum"), w, v, X)
+        tensor([20., 28.])
+
     """
     where = "hessfunc.ggn_vp(model_fn, loss_fn, params, v, *args)"
     _checks.check_mode(where, mode)
@@ -190,9 +191,11 @@ def ggn_vps(
         >>> import torch, hessfunc.ggn as ggn
         >>> from hessfunc.losses import MSELoss
         >>> model = lambda w: 3.0 * w
-        >>> ggn.ggn_vps(model, MSELoss(torch.zeros(2), reduction="sum"), torch.ones(2), torch.eye(2))
+        >>> loss = MSELoss(torch.zeros(2), reduction="sum")
+        >>> ggn.ggn_vps(model, loss, torch.ones(2), torch.eye(2))
         tensor([[18.,  0.],
                 [ 0., 18.]])
+
     """
     where = "hessfunc.ggn_vps(model_fn, loss_fn, params, vs, *args)"
     _checks.check_mode(where, mode)
@@ -215,7 +218,7 @@ def ggn_matrix(
     chunk_size: int | None = None,
     max_bytes: int | None = None,
 ) -> torch.Tensor:
-    r"""The dense generalised Gauss-Newton matrix :math:`G = J^\top H_\ell J`, ``(n, n)``.
+    r"""Build the dense generalised Gauss-Newton matrix :math:`G = J^\top H_\ell J`, ``(n, n)``.
 
     Rows and columns follow :func:`hessfunc.ravel` order (dicts in insertion order); row ``i``
     is :math:`G e_i`. Mixed floating dtypes are promoted to their common dtype.
@@ -247,6 +250,7 @@ def ggn_matrix(
         >>> G = ggn.ggn_matrix(lambda w, X: X @ w, loss, torch.zeros(2, dtype=torch.float64), X)
         >>> torch.allclose(G, 0.25 * X.T @ X)
         True
+
     """
     where = "hessfunc.ggn_matrix(model_fn, loss_fn, params, *args)"
     _checks.check_mode(where, mode)

@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from typing_extensions import override
 
 __all__ = [
     "BCEWithLogitsLoss",
@@ -92,7 +93,7 @@ class Loss:
         return _shape(outputs)
 
     def sample(self, outputs: Any, generator: torch.Generator) -> torch.Tensor:
-        """Targets drawn from the model's predictive distribution :math:`p(y \\mid f)`.
+        r"""Draw targets from the model's predictive distribution :math:`p(y \mid f)`.
 
         Args:
             outputs: the model's outputs at which the distribution is evaluated.
@@ -101,6 +102,7 @@ class Loss:
 
         Returns:
             Targets in the form this loss accepts (class indices for the classification losses).
+
         """
         if not isinstance(generator, torch.Generator):
             raise TypeError(
@@ -115,36 +117,42 @@ class Loss:
         return self.sample_from_uniform(outputs, u.to(ref.device))
 
     def output_grads(self, outputs: Any) -> Any:
-        r"""Per-sample gradients in output space: row ``i`` is :math:`\partial \ell_i / \partial f_i`.
+        r"""Return per-sample output gradients: row ``i`` is :math:`\partial \ell_i / \partial f_i`.
 
         Computed by reverse mode through :meth:`per_sample` (its sum), so it is exact for every
         loss; the result is shaped like ``outputs``.
         """
         return torch.func.grad(lambda o: self.per_sample(o).sum())(outputs)
 
-    # -- interface -----------------------------------------------------------------------------
+    # -- interface (each subclass implements these) ----------------------------------------------
 
-    def __call__(self, outputs: Any) -> torch.Tensor:  # pragma: no cover - abstract
+    def __call__(self, outputs: Any) -> torch.Tensor:
+        """Return the reduced loss, equal to the matching ``torch.nn.functional`` call."""
         raise NotImplementedError
 
-    def hvp(self, outputs: Any, u: Any) -> Any:  # pragma: no cover - abstract
+    def hvp(self, outputs: Any, u: Any) -> Any:
+        """Return the output-space Hessian of the reduced loss times ``u``, in closed form."""
         raise NotImplementedError
 
-    def per_sample(self, outputs: Any) -> torch.Tensor:  # pragma: no cover - abstract
+    def per_sample(self, outputs: Any) -> torch.Tensor:
+        """Return the unreduced per-sample losses, shape ``(N,)``."""
         raise NotImplementedError
 
-    def scale(self, outputs: Any) -> float:  # pragma: no cover - abstract
+    def scale(self, outputs: Any) -> float:
+        """Return ``c`` with ``loss(outputs) == c * per_sample(outputs).sum()``."""
         raise NotImplementedError
 
-    def sample_from_uniform(self, outputs: Any, u: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+    def sample_from_uniform(self, outputs: Any, u: torch.Tensor) -> torch.Tensor:
+        """Turn uniform draws of shape ``noise_shape(outputs)`` into sampled targets."""
         raise NotImplementedError
 
-    def predictive(self, targets: torch.Tensor) -> Loss:  # pragma: no cover - abstract
+    def predictive(self, targets: torch.Tensor) -> Loss:
+        """Return the negative log-likelihood of the predictive distribution at ``targets``."""
         raise NotImplementedError
 
 
 def _std_normal(u: torch.Tensor) -> torch.Tensor:
-    """Standard normal draws from uniforms in [0, 1) by the inverse CDF."""
+    """Map uniforms in [0, 1) to standard normal draws by the inverse CDF."""
     u = u.clamp(min=torch.finfo(u.dtype).tiny)
     return math.sqrt(2.0) * torch.erfinv(2 * u - 1)
 
@@ -182,6 +190,7 @@ class MSELoss(Loss):
         >>> loss.hvp(torch.ones(2, 2), torch.ones(2, 2))  # 2/4 * u
         tensor([[0.5000, 0.5000],
                 [0.5000, 0.5000]])
+
     """
 
     target: torch.Tensor
@@ -199,24 +208,30 @@ class MSELoss(Loss):
                 f"{_shape(self.target)}; they must match (no broadcasting)."
             )
 
+    @override
     def __call__(self, outputs: torch.Tensor) -> torch.Tensor:
         self._check("__call__", outputs)
         return F.mse_loss(outputs, self.target, reduction=self.reduction)
 
+    @override
     def scale(self, outputs: torch.Tensor) -> float:
         return 1.0 / max(outputs.numel(), 1) if self.reduction == "mean" else 1.0
 
+    @override
     def hvp(self, outputs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         self._check("hvp", outputs)
         return (2.0 * self.scale(outputs)) * u
 
+    @override
     def per_sample(self, outputs: torch.Tensor) -> torch.Tensor:
         self._check("per_sample", outputs)
         return _rows((outputs - self.target) ** 2)
 
+    @override
     def sample_from_uniform(self, outputs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return outputs.detach() + math.sqrt(0.5) * _std_normal(u)
 
+    @override
     def predictive(self, targets: torch.Tensor) -> MSELoss:
         return replace(self, target=targets)
 
@@ -252,6 +267,7 @@ class GaussianNLLLoss(Loss):
         >>> loss = GaussianNLLLoss(torch.zeros(2), torch.tensor([0.5, 2.0]), reduction="sum")
         >>> loss.hvp(torch.ones(2), torch.ones(2))
         tensor([2.0000, 0.5000])
+
     """
 
     target: torch.Tensor
@@ -269,7 +285,11 @@ class GaussianNLLLoss(Loss):
             ok = (
                 s == t
                 or s == t[:-1]
-                or (len(s) == len(t) and sum(a != b for a, b in zip(s, t)) == 1 and 1 in s)
+                or (
+                    len(s) == len(t)
+                    and sum(a != b for a, b in zip(s, t, strict=True)) == 1
+                    and 1 in s
+                )
             )
             if not ok:
                 raise ValueError(
@@ -320,14 +340,17 @@ class GaussianNLLLoss(Loss):
         out = 0.5 * (torch.log(s) + (mean - self.target) ** 2 / s)
         return out + 0.5 * math.log(2 * math.pi) if self.full else out
 
+    @override
     def __call__(self, outputs: Any) -> torch.Tensor:
         out = self._elementwise("__call__", outputs)
         return out.mean() if self.reduction == "mean" else out.sum()
 
+    @override
     def scale(self, outputs: Any) -> float:
         mean = outputs[0] if isinstance(outputs, tuple) else outputs
         return 1.0 / max(mean.numel(), 1) if self.reduction == "mean" else 1.0
 
+    @override
     def hvp(self, outputs: Any, u: Any) -> Any:
         mean, s, predicted = self._split("hvp", outputs)
         c = self.scale(outputs)
@@ -340,16 +363,20 @@ class GaussianNLLLoss(Loss):
         hs = -d * um / s2 + (d * d / (s2 * s) - 0.5 / s2) * us
         return (c * hm, c * hs)
 
+    @override
     def per_sample(self, outputs: Any) -> torch.Tensor:
         return _rows(self._elementwise("per_sample", outputs))
 
+    @override
     def noise_shape(self, outputs: Any) -> tuple[int, ...]:
         return _shape(self.target)
 
+    @override
     def sample_from_uniform(self, outputs: Any, u: torch.Tensor) -> torch.Tensor:
         mean, s, _ = self._split("sample", outputs)
         return mean.detach() + torch.sqrt(s.detach()) * _std_normal(u)
 
+    @override
     def predictive(self, targets: torch.Tensor) -> GaussianNLLLoss:
         return replace(self, target=targets)
 
@@ -409,6 +436,7 @@ class CrossEntropyLoss(Loss):
         >>> loss = CrossEntropyLoss(torch.tensor([0]), reduction="sum")
         >>> loss.hvp(torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]))  # p = (1/2, 1/2)
         tensor([[ 0.2500, -0.2500]])
+
     """
 
     target: torch.Tensor
@@ -435,7 +463,7 @@ class CrossEntropyLoss(Loss):
         _check_logits(self, method, outputs, _shape(self.target))
 
     def _q(self, outputs: torch.Tensor) -> torch.Tensor:
-        """The smoothed target distribution, ``(N, C)``."""
+        """Return the smoothed target distribution, ``(N, C)``."""
         n_classes = outputs.shape[-1]
         if self.target.is_floating_point():
             q = self.target.to(outputs.dtype)
@@ -447,15 +475,18 @@ class CrossEntropyLoss(Loss):
         eps = float(self.label_smoothing)
         return q if eps == 0.0 else (1.0 - eps) * q + eps / n_classes
 
+    @override
     def __call__(self, outputs: torch.Tensor) -> torch.Tensor:
         self._check("__call__", outputs)
         return F.cross_entropy(
             outputs, self.target, reduction=self.reduction, label_smoothing=self.label_smoothing
         )
 
+    @override
     def scale(self, outputs: torch.Tensor) -> float:
         return 1.0 / max(outputs.shape[0], 1) if self.reduction == "mean" else 1.0
 
+    @override
     def hvp(self, outputs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         self._check("hvp", outputs)
         p = torch.softmax(outputs, dim=-1)
@@ -465,13 +496,16 @@ class CrossEntropyLoss(Loss):
             hu = self._q(outputs).sum(-1, keepdim=True) * hu
         return self.scale(outputs) * hu
 
+    @override
     def per_sample(self, outputs: torch.Tensor) -> torch.Tensor:
         self._check("per_sample", outputs)
         return -(self._q(outputs) * torch.log_softmax(outputs, dim=-1)).sum(-1)
 
+    @override
     def sample_from_uniform(self, outputs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return _gumbel_argmax(outputs.detach(), u)
 
+    @override
     def predictive(self, targets: torch.Tensor) -> CrossEntropyLoss:
         return replace(self, target=targets, label_smoothing=0.0)
 
@@ -496,6 +530,7 @@ class NLLLoss(Loss):
         >>> logp = torch.log(torch.tensor([[0.25, 0.75]]))
         >>> NLLLoss(torch.tensor([1]))(logp).exp()
         tensor(1.3333)
+
     """
 
     target: torch.Tensor
@@ -508,24 +543,30 @@ class NLLLoss(Loss):
     def _check(self, method: str, outputs: Any) -> None:
         _check_logits(self, method, outputs, _shape(self.target))
 
+    @override
     def __call__(self, outputs: torch.Tensor) -> torch.Tensor:
         self._check("__call__", outputs)
         return F.nll_loss(outputs, self.target, reduction=self.reduction)
 
+    @override
     def scale(self, outputs: torch.Tensor) -> float:
         return 1.0 / max(outputs.shape[0], 1) if self.reduction == "mean" else 1.0
 
+    @override
     def hvp(self, outputs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         self._check("hvp", outputs)
         return torch.zeros_like(u)
 
+    @override
     def per_sample(self, outputs: torch.Tensor) -> torch.Tensor:
         self._check("per_sample", outputs)
         return -outputs.gather(1, self.target.unsqueeze(1)).squeeze(1)
 
+    @override
     def sample_from_uniform(self, outputs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return _gumbel_argmax(outputs.detach(), u)
 
+    @override
     def predictive(self, targets: torch.Tensor) -> NLLLoss:
         return replace(self, target=targets)
 
@@ -548,6 +589,7 @@ class BCEWithLogitsLoss(Loss):
         >>> from hessfunc.losses import BCEWithLogitsLoss
         >>> BCEWithLogitsLoss(torch.ones(3), reduction="sum").hvp(torch.zeros(3), torch.ones(3))
         tensor([0.2500, 0.2500, 0.2500])
+
     """
 
     target: torch.Tensor
@@ -565,26 +607,30 @@ class BCEWithLogitsLoss(Loss):
                 f"{_shape(self.target)}; they must match."
             )
 
+    @override
     def __call__(self, outputs: torch.Tensor) -> torch.Tensor:
         self._check("__call__", outputs)
         return F.binary_cross_entropy_with_logits(outputs, self.target, reduction=self.reduction)
 
+    @override
     def scale(self, outputs: torch.Tensor) -> float:
         return 1.0 / max(outputs.numel(), 1) if self.reduction == "mean" else 1.0
 
+    @override
     def hvp(self, outputs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         self._check("hvp", outputs)
         s = torch.sigmoid(outputs)
         return self.scale(outputs) * (s * (1 - s)) * u
 
+    @override
     def per_sample(self, outputs: torch.Tensor) -> torch.Tensor:
         self._check("per_sample", outputs)
-        return _rows(
-            F.binary_cross_entropy_with_logits(outputs, self.target, reduction="none")
-        )
+        return _rows(F.binary_cross_entropy_with_logits(outputs, self.target, reduction="none"))
 
+    @override
     def sample_from_uniform(self, outputs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return (u < torch.sigmoid(outputs.detach())).to(outputs.dtype)
 
+    @override
     def predictive(self, targets: torch.Tensor) -> BCEWithLogitsLoss:
         return replace(self, target=targets)

@@ -53,8 +53,15 @@ def loop_empirical_fisher(model_fn, loss, params, x) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "model_name,loss_name",
-    [("mlp-tanh", "ce"), ("mlp-gelu", "mse"), ("mlp-softplus", "bce"), ("cnn", "ce_smooth_sum"),
-     ("cnn", "gauss"), ("transformer", "ce"), ("mlp-tanh", "nll")],
+    [
+        ("mlp-tanh", "ce"),
+        ("mlp-gelu", "mse"),
+        ("mlp-softplus", "bce"),
+        ("cnn", "ce_smooth_sum"),
+        ("cnn", "gauss"),
+        ("transformer", "ce"),
+        ("mlp-tanh", "nll"),
+    ],
 )
 def test_empirical_fisher_equals_loop_of_per_sample_gradients(model_name, loss_name):
     model_fn, loss, params, x = problem(model_name, loss_name)
@@ -90,7 +97,7 @@ def test_per_sample_grads_match_a_loop():
     for i in range(N):
         p = {k: t.clone().requires_grad_(True) for k, t in params.items()}
         ref = torch.autograd.grad(f(p, x[i : i + 1], labels[i : i + 1], w), list(p.values()))
-        for k, r in zip(p, ref):
+        for k, r in zip(p, ref, strict=True):
             assert_close(got[k][i], r)
             assert_close(chunked[k][i], r)
 
@@ -101,7 +108,7 @@ def test_per_sample_grads_batch_axis_not_first():
     w = torch.randn(3, generator=g)
     f = lambda w, X: torch.sin(w @ X).sum()  # noqa: E731  X is (3, 1) per sample
     got = per_sample_grads(f, w, X, in_dims=1)
-    expected = (torch.cos(w @ X)[:, None] * X.T)  # row i: cos(w.x_i) x_i
+    expected = torch.cos(w @ X)[:, None] * X.T  # row i: cos(w.x_i) x_i
     assert_close(got, expected)
 
 
@@ -109,7 +116,8 @@ def test_per_sample_grads_batch_axis_not_first():
 
 
 @pytest.mark.parametrize(
-    "model_name,loss_name", [("mlp-tanh", "ce"), ("mlp-gelu", "mse"), ("mlp-softplus", "bce"), ("mlp-relu", "gauss")]
+    "model_name,loss_name",
+    [("mlp-tanh", "ce"), ("mlp-gelu", "mse"), ("mlp-softplus", "bce"), ("mlp-relu", "gauss")],
 )
 def test_mc_fisher_converges_to_ggn(model_name, loss_name):
     """GGN = Fisher for these losses; the mean of K single-draw estimates is within 5 standard
@@ -118,7 +126,9 @@ def test_mc_fisher_converges_to_ggn(model_name, loss_name):
     v = _tree.random_like(params, torch.Generator().manual_seed(3))
     gv = _tree.ravel(ggn_vp(model_fn, loss, params, v, x))[0]
     K = 400
-    u = torch.rand(K, 1, *loss.noise_shape(torch.zeros(N, 3)), generator=torch.Generator().manual_seed(4))
+    u = torch.rand(
+        K, 1, *loss.noise_shape(torch.zeros(N, 3)), generator=torch.Generator().manual_seed(4)
+    )
     one = lambda ui: _tree.ravel(fisher_vp(model_fn, loss, params, v, x, kind="mc", noise=ui))[0]  # noqa: E731
     draws = torch.func.vmap(one)(u)  # K independent single-draw estimates, vectorised
     mean, se = draws.mean(0), draws.std(0) / math.sqrt(K)
@@ -139,9 +149,17 @@ def test_mc_fisher_of_nll_equals_ggn_of_cross_entropy_on_logits():
     # one call with S samples; per-draw spread from S single-draw calls on the same noise slices
     fv = _tree.ravel(fisher_vp(model_fn, nll, params, v, x, kind="mc", noise=u, mc_samples=S))[0]
     singles = torch.stack(
-        [_tree.ravel(fisher_vp(model_fn, nll, params, v, x, kind="mc", noise=u[s : s + 1]))[0] for s in range(200)]
+        [
+            _tree.ravel(fisher_vp(model_fn, nll, params, v, x, kind="mc", noise=u[s : s + 1]))[0]
+            for s in range(200)
+        ]
     )
-    assert_close(singles.mean(0), _tree.ravel(fisher_vp(model_fn, nll, params, v, x, kind="mc", noise=u[:200], mc_samples=200))[0])
+    assert_close(
+        singles.mean(0),
+        _tree.ravel(
+            fisher_vp(model_fn, nll, params, v, x, kind="mc", noise=u[:200], mc_samples=200)
+        )[0],
+    )
     se = singles.std(0) / math.sqrt(S)
     assert torch.all((fv - gv).abs() <= 5 * se + tol("exact", torch.float64)["atol"])
 
@@ -150,9 +168,36 @@ def test_mc_generator_is_reproducible_and_global_rng_untouched():
     model_fn, loss, params, x = problem("mlp-tanh", "ce")
     v = _tree.random_like(params, torch.Generator().manual_seed(0))
     rng = torch.get_rng_state()
-    a = fisher_vp(model_fn, loss, params, v, x, kind="mc", generator=torch.Generator().manual_seed(9), mc_samples=3)
-    b = fisher_vp(model_fn, loss, params, v, x, kind="mc", generator=torch.Generator().manual_seed(9), mc_samples=3)
-    c = fisher_vp(model_fn, loss, params, v, x, kind="mc", generator=torch.Generator().manual_seed(10), mc_samples=3)
+    a = fisher_vp(
+        model_fn,
+        loss,
+        params,
+        v,
+        x,
+        kind="mc",
+        generator=torch.Generator().manual_seed(9),
+        mc_samples=3,
+    )
+    b = fisher_vp(
+        model_fn,
+        loss,
+        params,
+        v,
+        x,
+        kind="mc",
+        generator=torch.Generator().manual_seed(9),
+        mc_samples=3,
+    )
+    c = fisher_vp(
+        model_fn,
+        loss,
+        params,
+        v,
+        x,
+        kind="mc",
+        generator=torch.Generator().manual_seed(10),
+        mc_samples=3,
+    )
     assert torch.equal(torch.get_rng_state(), rng)
     assert_close(a, b)
     assert not torch.allclose(_tree.ravel(a)[0], _tree.ravel(c)[0])

@@ -49,8 +49,14 @@ def problem(model_name: str, loss_name: str, n: int = 4):
 
 
 PROBLEMS = [
-    ("mlp-tanh", "ce"), ("mlp-gelu", "mse"), ("mlp-softplus", "bce"), ("mlp-tanh", "callable_logcosh"),
-    ("mlp-relu", "callable_mse"), ("cnn", "ce_smooth_sum"), ("cnn", "mse"), ("transformer", "ce"),
+    ("mlp-tanh", "ce"),
+    ("mlp-gelu", "mse"),
+    ("mlp-softplus", "bce"),
+    ("mlp-tanh", "callable_logcosh"),
+    ("mlp-relu", "callable_mse"),
+    ("cnn", "ce_smooth_sum"),
+    ("cnn", "mse"),
+    ("transformer", "ce"),
     ("transformer", "callable_logcosh"),
 ]
 
@@ -69,7 +75,9 @@ def test_ggn_vp_matches_dense_reference(model_name, loss_name, mode):
     assert (_tree.ravel(hv)[0] - _tree.ravel(gv)[0]).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("model_name,loss_name", [("mlp-tanh", "ce"), ("cnn", "mse"), ("mlp-gelu", "callable_logcosh")])
+@pytest.mark.parametrize(
+    "model_name,loss_name", [("mlp-tanh", "ce"), ("cnn", "mse"), ("mlp-gelu", "callable_logcosh")]
+)
 def test_ggn_matrix_and_vps_match_reference(model_name, loss_name):
     model_fn, loss, params, args = problem(model_name, loss_name)
     G = dense_ggn(model_fn, loss, params, *args)
@@ -85,7 +93,9 @@ def test_ggn_matrix_and_vps_match_reference(model_name, loss_name):
 @pytest.mark.parametrize(
     "loss",
     [
-        losses.MSELoss(torch.randn(6, 3, generator=torch.Generator().manual_seed(0)), reduction="sum"),
+        losses.MSELoss(
+            torch.randn(6, 3, generator=torch.Generator().manual_seed(0)), reduction="sum"
+        ),
         losses.CrossEntropyLoss(torch.tensor([0, 2, 1, 1, 0, 2]), label_smoothing=0.2),
         losses.BCEWithLogitsLoss(torch.rand(6, 3, generator=torch.Generator().manual_seed(0))),
         losses.GaussianNLLLoss(torch.zeros(6, 3), torch.full((6,), 0.5)),
@@ -117,7 +127,7 @@ def test_nll_on_log_probabilities_has_zero_ggn_while_ce_on_logits_does_not():
 
 
 def test_predicted_variance_makes_ggn_indefinite():
-    """Gaussian NLL with a predicted variance is non-convex in the outputs: G has a negative eigenvalue."""
+    """A predicted variance makes the Gaussian NLL non-convex in the outputs: G is indefinite."""
     g = torch.Generator().manual_seed(6)
     X = torch.randn(8, 2, generator=g)
     params = {"wm": torch.randn(2, 1, generator=g), "wv": 0.1 * torch.randn(2, 1, generator=g)}
@@ -192,7 +202,7 @@ def test_nothing_is_mutated():
     assert not model.training
     for k, t in model.state_dict().items():
         assert torch.equal(t, before[k]), k
-    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
     assert [p.requires_grad for p in model.parameters()] == flags
     assert all(torch.equal(params[k], copies[k]) for k in params)
 
@@ -217,7 +227,9 @@ def test_bad_input_raises_clear_errors():
         ggn_vp(model_fn, lambda o: o.sum(0), params, v, *args)
     # outputs that do not fit the loss's targets: 4 samples, 6 labels
     with pytest.raises(ValueError, match=r"CrossEntropyLoss.*outputs have shape \(4, 3\).*\(6,\)"):
-        ggn_vp(model_fn, losses.CrossEntropyLoss(torch.zeros(6, dtype=torch.long)), params, v, *args)
+        ggn_vp(
+            model_fn, losses.CrossEntropyLoss(torch.zeros(6, dtype=torch.long)), params, v, *args
+        )
     with pytest.raises(ValueError, match="leading batch axis"):
         ggn_vps(model_fn, loss, params, v, *args)
     with pytest.raises(ValueError, match="chunk_size must be None or a positive int"):
@@ -236,7 +248,9 @@ def _compiled_step():
     if "step" not in _COMPILED:
 
         def step(params, v, x, labels):
-            return ggn_vp(zoo_apply, losses.CrossEntropyLoss(labels, label_smoothing=0.1), params, v, x)
+            return ggn_vp(
+                zoo_apply, losses.CrossEntropyLoss(labels, label_smoothing=0.1), params, v, x
+            )
 
         _COMPILED["step"] = torch.compile(step, fullgraph=True)
     return _COMPILED["step"]

@@ -36,32 +36,84 @@ def _cases():
     cases = []
     for red in ("mean", "sum"):
         cases += [
-            (f"mse-{red}", losses.MSELoss(y, reduction=red), out,
-             lambda o, red=red: F.mse_loss(o, y, reduction=red)),
-            (f"mse-1d-{red}", losses.MSELoss(y[:, 0], reduction=red), out[:, 0],
-             lambda o, red=red: F.mse_loss(o, y[:, 0], reduction=red)),
-            (f"ce-{red}", losses.CrossEntropyLoss(labels, reduction=red), out,
-             lambda o, red=red: F.cross_entropy(o, labels, reduction=red)),
-            (f"ce-smooth-{red}", losses.CrossEntropyLoss(labels, label_smoothing=0.2, reduction=red), out,
-             lambda o, red=red: F.cross_entropy(o, labels, label_smoothing=0.2, reduction=red)),
-            (f"ce-probs-{red}", losses.CrossEntropyLoss(probs, reduction=red), out,
-             lambda o, red=red: F.cross_entropy(o, probs, reduction=red)),
-            (f"ce-probs-smooth-{red}", losses.CrossEntropyLoss(probs, label_smoothing=0.1, reduction=red), out,
-             lambda o, red=red: F.cross_entropy(o, probs, label_smoothing=0.1, reduction=red)),
-            (f"ce-unnormalised-{red}", losses.CrossEntropyLoss(unnorm, label_smoothing=0.3, reduction=red), out,
-             lambda o, red=red: F.cross_entropy(o, unnorm, label_smoothing=0.3, reduction=red)),
-            (f"nll-{red}", losses.NLLLoss(labels, reduction=red), torch.log_softmax(out, -1),
-             lambda o, red=red: F.nll_loss(o, labels, reduction=red)),
-            (f"bce-{red}", losses.BCEWithLogitsLoss(binary, reduction=red), out,
-             lambda o, red=red: F.binary_cross_entropy_with_logits(o, binary, reduction=red)),
-            (f"gauss-{red}", losses.GaussianNLLLoss(y, var, reduction=red), out,
-             lambda o, red=red: F.gaussian_nll_loss(o, y, var, reduction=red)),
-            (f"gauss-short-var-{red}", losses.GaussianNLLLoss(y, var[:, 0], full=True, reduction=red), out,
-             lambda o, red=red: F.gaussian_nll_loss(o, y, var[:, 0], full=True, reduction=red)),
-            (f"gauss-size1-var-{red}", losses.GaussianNLLLoss(y, var[:, :1], eps=1e-3, reduction=red), out,
-             lambda o, red=red: F.gaussian_nll_loss(o, y, var[:, :1], eps=1e-3, reduction=red)),
-            (f"gauss-pair-{red}", losses.GaussianNLLLoss(y, None, reduction=red), (out, pos_var),
-             lambda o, red=red: F.gaussian_nll_loss(o[0], y, o[1], reduction=red)),
+            (
+                f"mse-{red}",
+                losses.MSELoss(y, reduction=red),
+                out,
+                lambda o, red=red: F.mse_loss(o, y, reduction=red),
+            ),
+            (
+                f"mse-1d-{red}",
+                losses.MSELoss(y[:, 0], reduction=red),
+                out[:, 0],
+                lambda o, red=red: F.mse_loss(o, y[:, 0], reduction=red),
+            ),
+            (
+                f"ce-{red}",
+                losses.CrossEntropyLoss(labels, reduction=red),
+                out,
+                lambda o, red=red: F.cross_entropy(o, labels, reduction=red),
+            ),
+            (
+                f"ce-smooth-{red}",
+                losses.CrossEntropyLoss(labels, label_smoothing=0.2, reduction=red),
+                out,
+                lambda o, red=red: F.cross_entropy(o, labels, label_smoothing=0.2, reduction=red),
+            ),
+            (
+                f"ce-probs-{red}",
+                losses.CrossEntropyLoss(probs, reduction=red),
+                out,
+                lambda o, red=red: F.cross_entropy(o, probs, reduction=red),
+            ),
+            (
+                f"ce-probs-smooth-{red}",
+                losses.CrossEntropyLoss(probs, label_smoothing=0.1, reduction=red),
+                out,
+                lambda o, red=red: F.cross_entropy(o, probs, label_smoothing=0.1, reduction=red),
+            ),
+            (
+                f"ce-unnormalised-{red}",
+                losses.CrossEntropyLoss(unnorm, label_smoothing=0.3, reduction=red),
+                out,
+                lambda o, red=red: F.cross_entropy(o, unnorm, label_smoothing=0.3, reduction=red),
+            ),
+            (
+                f"nll-{red}",
+                losses.NLLLoss(labels, reduction=red),
+                torch.log_softmax(out, -1),
+                lambda o, red=red: F.nll_loss(o, labels, reduction=red),
+            ),
+            (
+                f"bce-{red}",
+                losses.BCEWithLogitsLoss(binary, reduction=red),
+                out,
+                lambda o, red=red: F.binary_cross_entropy_with_logits(o, binary, reduction=red),
+            ),
+            (
+                f"gauss-{red}",
+                losses.GaussianNLLLoss(y, var, reduction=red),
+                out,
+                lambda o, red=red: F.gaussian_nll_loss(o, y, var, reduction=red),
+            ),
+            (
+                f"gauss-short-var-{red}",
+                losses.GaussianNLLLoss(y, var[:, 0], full=True, reduction=red),
+                out,
+                lambda o, red=red: F.gaussian_nll_loss(o, y, var[:, 0], full=True, reduction=red),
+            ),
+            (
+                f"gauss-size1-var-{red}",
+                losses.GaussianNLLLoss(y, var[:, :1], eps=1e-3, reduction=red),
+                out,
+                lambda o, red=red: F.gaussian_nll_loss(o, y, var[:, :1], eps=1e-3, reduction=red),
+            ),
+            (
+                f"gauss-pair-{red}",
+                losses.GaussianNLLLoss(y, None, reduction=red),
+                (out, pos_var),
+                lambda o, red=red: F.gaussian_nll_loss(o[0], y, o[1], reduction=red),
+            ),
         ]
     return cases
 
@@ -99,12 +151,11 @@ def test_per_sample_and_scale_reassemble_the_loss(case):
     assert_close(loss.scale(out) * per.sum(), ref(out))
     # row i of output_grads is the gradient of sample i's own loss
     grads = loss.output_grads(out)
-    leaves = _tree.tree_leaves(out)
     flat, unravel = _tree.ravel(out)
     jac = torch.autograd.functional.jacobian(lambda z: loss.per_sample(unravel(z)), flat)  # (N, n)
     for i in range(N):
         ji = unravel(jac[i])
-        for leaf_j, leaf_g, leaf in zip(_tree.tree_leaves(ji), _tree.tree_leaves(grads), leaves):
+        for leaf_j, leaf_g in zip(_tree.tree_leaves(ji), _tree.tree_leaves(grads), strict=True):
             assert_close(leaf_g[i], leaf_j[i])
             rest = torch.cat([leaf_j[:i], leaf_j[i + 1 :]])
             assert torch.count_nonzero(rest) == 0  # sample i's loss only sees row i
@@ -116,7 +167,12 @@ def test_nll_has_zero_curvature_but_ce_does_not():
     assert torch.count_nonzero(losses.NLLLoss(labels).hvp(torch.log_softmax(out, -1), u)) == 0
     h = losses.CrossEntropyLoss(labels).hvp(out, u)
     p = torch.softmax(out, -1)
-    expected = torch.stack([(torch.diag(pi) - torch.outer(pi, pi)) @ ui for pi, ui in zip(p, u)]) / N
+    expected = (
+        torch.stack(
+            [(torch.diag(pi) - torch.outer(pi, pi)) @ ui for pi, ui in zip(p, u, strict=True)]
+        )
+        / N
+    )
     assert_close(h, expected)
 
 
@@ -154,13 +210,20 @@ def test_fisher_identity_in_output_space(case):
     S = 4000
     g = torch.Generator().manual_seed(7)
     u = torch.rand(S, *loss.noise_shape(out), generator=g)
-    rows = torch.func.vmap(lambda ui: loss.predictive(loss.sample_from_uniform(out, ui)).output_grads(out))(u)
+    rows = torch.func.vmap(
+        lambda ui: loss.predictive(loss.sample_from_uniform(out, ui)).output_grads(out)
+    )(u)
     outer = torch.einsum("sni,snj->snij", rows, rows)  # (S, N, C, C)
     mean, se = outer.mean(0), outer.std(0) / math.sqrt(S)
     c = loss.scale(out)
     # per-sample Hessians (N, C, C): the Hessian is block-diagonal over samples, so one product
     # with e_j in every row gives column j of every block at once
-    hess = torch.stack([loss.hvp(out, F.one_hot(torch.full((N,), j), C).double()) for j in range(C)], -1) / c
+    hess = (
+        torch.stack(
+            [loss.hvp(out, F.one_hot(torch.full((N,), j), C).double()) for j in range(C)], -1
+        )
+        / c
+    )
     assert torch.all((mean - hess).abs() <= 5 * se + tol("exact", torch.float64)["atol"])
     # and the bound is not vacuous: it is much tighter than the curvature itself
     assert (5 * se).max() < 0.2 * hess.abs().max()
@@ -193,7 +256,9 @@ def test_sample_is_reproducible_and_leaves_global_rng_alone():
 
 def test_bad_inputs_raise_clear_errors():
     out, y, labels, probs, *_ = _data()
-    with pytest.raises(ValueError, match=r"MSELoss.*outputs have shape \(5, 3\).*target has \(5, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"MSELoss.*outputs have shape \(5, 3\).*target has \(5, 4\)"
+    ):
         losses.MSELoss(y)(out[:, :3])
     with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
         losses.MSELoss(y, reduction="none")
