@@ -158,9 +158,23 @@ def second_order_kernels() -> Iterator[None]:
 
     Normalisation layers are routed to composite forms at the same time (``_decomp``), because
     torch.func's second derivatives through their fused kernels are wrong.
+
+    The fused inference fast paths of ``nn.MultiheadAttention`` and
+    ``nn.TransformerEncoderLayer`` are switched off as well: under ``torch.compile`` the tensors
+    inside torch.func transforms do not report ``requires_grad``, so an eval-mode layer takes
+    ``torch._transformer_encoder_layer_fwd``, which has no derivatives (forward AD raises, and in
+    larger graphs the Hessian came out silently wrong on torch 2.13).
     """
-    with sdpa_kernel(SDPBackend.MATH), CompositeNorms():
-        yield
+    # The flag is a plain module global; dynamo refuses to trace set_fastpath_enabled but does
+    # trace an attribute store on the module.
+    mha = torch.backends.mha
+    fastpath = mha._is_fastpath_enabled
+    mha._is_fastpath_enabled = False
+    try:
+        with sdpa_kernel(SDPBackend.MATH), CompositeNorms():
+            yield
+    finally:
+        mha._is_fastpath_enabled = fastpath
 
 
 _FWD_AD_MARKERS = ("forward AD", "forward mode AD", "jvp function")
