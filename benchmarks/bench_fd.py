@@ -97,7 +97,9 @@ def cpu_model() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--record", action="store_true", help="append a section to benchmarks/RESULTS.md")
+    parser.add_argument(
+        "--record", action="store_true", help="append a section to benchmarks/RESULTS.md"
+    )
     opts = parser.parse_args()
     torch.set_grad_enabled(True)
     rows = []
@@ -106,7 +108,9 @@ def main() -> None:
         n = hessfunc.ravel(params)[0].numel()
         exact = hessfunc.hessian_matrix(f, params, *args, mode="rev-rev", chunk_size=chunk)
         fd_hessian_matrix(f, params, *args, chunk_size=chunk)  # warm-up (allocator, kernels)
-        t_vec, h_vec = timed(lambda: fd_hessian_matrix(f, params, *args, chunk_size=chunk), opts.repeats)
+        t_vec, h_vec = timed(
+            lambda: fd_hessian_matrix(f, params, *args, chunk_size=chunk), opts.repeats
+        )
         t_loop, h_loop = timed(lambda: loop_fd_hessian(f, params, *args), 1)
         row = {
             "model": "-".join(map(str, widths)),

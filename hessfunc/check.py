@@ -36,7 +36,15 @@ from torch.func import jacrev, vmap
 
 from . import _checks, _tree
 from ._types import PyTree
-from .fd import _check_order, _check_step, _least_precise, default_step, fd_grad, fd_hessian_matrix, fd_hvps
+from .fd import (
+    _check_order,
+    _check_step,
+    _least_precise,
+    default_step,
+    fd_grad,
+    fd_hessian_matrix,
+    fd_hvps,
+)
 from .hessian import hessian_matrix
 from .hvp import hvps
 
@@ -64,6 +72,7 @@ class CheckReport(NamedTuple):
         rtol: the relative tolerance applied.
         atol: the absolute tolerance applied.
         message: the diagnosis (empty when ``ok``).
+
     """
 
     ok: bool
@@ -176,7 +185,9 @@ def _tolerances(where: str, params: PyTree, rtol: Any, atol: Any) -> tuple[float
     )
 
 
-def _check_common(where: str, params: PyTree, n_directions: Any, generator: Any, step: Any, order: Any) -> None:
+def _check_common(
+    where: str, params: PyTree, n_directions: Any, generator: Any, step: Any, order: Any
+) -> None:
     _checks.check_params(where, params)
     _check_order(where, order)
     _check_step(where, step)
@@ -236,7 +247,14 @@ def _symmetry_error(m: torch.Tensor, floor: float) -> float:
 
 
 def _grad_error(
-    where: str, f: Callable, params: PyTree, args: tuple, dirs: PyTree, step: Any, order: int, floor: float
+    where: str,
+    f: Callable,
+    params: PyTree,
+    args: tuple,
+    dirs: PyTree,
+    step: Any,
+    order: int,
+    floor: float,
 ) -> float:
     grad = jacrev(_checks.scalar_fn(where, f), argnums=0)(params, *args)
     exact = sum(_batched(lambda x: x, _tree.tree_map(lambda v, g: v * g, dirs, grad)))
@@ -268,7 +286,9 @@ def _try(name: str, raised: dict[str, str], thunk: Callable[[], Any]) -> Any:
     try:
         return thunk()
     except (NotImplementedError, RuntimeError) as err:
-        raised[name] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        raised[name] = (
+            f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        )
         return None
 
 
@@ -318,6 +338,7 @@ def check_grad(
         >>> from hessfunc.check import check_grad
         >>> check_grad(lambda t: torch.sin(t).sum(), torch.randn(4, dtype=torch.float64)).ok
         True
+
     """
     where = "hessfunc.check_grad(f, params, *args)"
     _check_common(where, params, n_directions, generator, step, order)
@@ -382,6 +403,7 @@ def check_hvp(
         >>> report = check_hvp(f, torch.randn(3, dtype=torch.float64), A)
         >>> report.ok, sorted(report.errors)
         (True, ['grad', 'hvp[fwd-rev]', 'hvp[rev-rev]', 'symmetry'])
+
     """
     where = "hessfunc.check_hvp(f, params, *args)"
     modes = _check_modes(where, modes)
@@ -398,7 +420,9 @@ def check_hvp(
         hv = _try(name, raised, lambda m=mode: hvps(f, params, dirs, *args, mode=m))
         errors[name] = float("inf") if hv is None else _rel(hv, reference, floor)
         first = hv if first is None else first
-    errors["symmetry"] = float("inf") if first is None else _symmetry_error(_gram(dirs, first), floor)
+    errors["symmetry"] = (
+        float("inf") if first is None else _symmetry_error(_gram(dirs, first), floor)
+    )
     return _finish(where, errors, raised, params, step, order, dirs, rtol_, atol_, raise_on_fail)
 
 
@@ -463,6 +487,7 @@ def check_hessian(
         >>> f = lambda w, X, y: F.binary_cross_entropy_with_logits(X @ w, y)
         >>> check_hessian(f, torch.zeros(3, dtype=torch.float64), X, y).ok
         True
+
     """
     where = "hessfunc.check_hessian(f, params, *args)"
     modes = _check_modes(where, modes)
@@ -473,14 +498,18 @@ def check_hessian(
     dirs = _unit_directions(params, n_directions, generator)
     errors = {"grad": _grad_error(where, f, params, args, dirs, step, order, floor)}
     raised: dict[str, str] = {}
-    reference = fd_hessian_matrix(f, params, *args, step=step, order=order, chunk_size=chunk_size, max_bytes=max_bytes)
+    reference = fd_hessian_matrix(
+        f, params, *args, step=step, order=order, chunk_size=chunk_size, max_bytes=max_bytes
+    )
     first = None
     for mode in modes:
         name = f"hessian[{mode}]"
         h = _try(
             name,
             raised,
-            lambda m=mode: hessian_matrix(f, params, *args, mode=m, chunk_size=chunk_size, max_bytes=max_bytes),
+            lambda m=mode: hessian_matrix(
+                f, params, *args, mode=m, chunk_size=chunk_size, max_bytes=max_bytes
+            ),
         )
         errors[name] = float("inf") if h is None else _rel(h[None], reference[None], floor)
         first = h if first is None else first
@@ -492,6 +521,8 @@ def check_hessian(
         from_matrix = flat_dirs @ first.T
         hv = _try("matrix-vs-hvp", raised, lambda: hvps(f, params, dirs, *args, mode=modes[0]))
         errors["matrix-vs-hvp"] = (
-            float("inf") if hv is None else _rel(from_matrix, vmap(lambda t: _tree.ravel(t)[0])(hv), floor)
+            float("inf")
+            if hv is None
+            else _rel(from_matrix, vmap(lambda t: _tree.ravel(t)[0])(hv), floor)
         )
     return _finish(where, errors, raised, params, step, order, dirs, rtol_, atol_, raise_on_fail)

@@ -117,10 +117,13 @@ def default_step(dtype: torch.dtype, order: int = 2) -> float:
         (True, True)
         >>> round(default_step(torch.float64), 8)
         6.06e-06
+
     """
     _check_order("hessfunc.fd.default_step(dtype, order)", order)
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"hessfunc.fd.default_step(dtype, order): expected a floating dtype, got {dtype!r}.")
+        raise TypeError(
+            f"hessfunc.fd.default_step(dtype, order): expected a floating dtype, got {dtype!r}."
+        )
     return torch.finfo(dtype).eps ** (1.0 / (order + 1))
 
 
@@ -227,6 +230,7 @@ def fd_grad(
         >>> g = fd_grad(lambda t: (t**3).sum(), th)
         >>> torch.allclose(g, 3 * th**2, rtol=1e-9)
         True
+
     """
     where = "hessfunc.fd_grad(f, params, *args)"
     _check_order(where, order)
@@ -289,6 +293,7 @@ def fd_hvp(
         >>> Hv = fd_hvp(lambda t, A: t @ A @ t, th, v, A)
         >>> torch.allclose(Hv, (A + A.T) @ v, rtol=1e-8)
         True
+
     """
     where = "hessfunc.fd_hvp(f, params, v, *args)"
     _check_order(where, order)
@@ -336,6 +341,7 @@ def fd_hvps(
         >>> H = fd_hvps(lambda t: (t**2).sum(), torch.zeros(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64))
         >>> torch.allclose(H, 2 * torch.eye(3, dtype=torch.float64))
         True
+
     """
     where = "hessfunc.fd_hvps(f, params, vs, *args)"
     _check_order(where, order)
@@ -395,6 +401,7 @@ def fd_hessian_matrix(
         >>> H = fd_hessian_matrix(f, torch.zeros(2, dtype=torch.float64), X)
         >>> torch.allclose(H, 2 * X.T @ X / 3, rtol=1e-8)
         True
+
     """
     where = "hessfunc.fd_hessian_matrix(f, params, *args)"
     _check_order(where, order)

@@ -33,6 +33,7 @@ Example:
             x = torch.randn(n, 10, generator=g, dtype=torch.float64)
             y = loss.target((n, 3), torch.float64, g)
             check_hvp(lambda p, x, y: loss.fn(apply(p, x), y), params, x, y, generator=g)
+
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ def pytrees(
         ... def test(tree):
         ...     assert 1 <= len(_tree.tree_leaves(tree)) <= 3
         >>> test()
+
     """
     leaf = st.builds(
         _leaf,
@@ -176,9 +178,12 @@ def directions_like(
         ... def test(v):
         ...     assert v["w"].shape == (4, 2, 3) and bool((v["b"].abs() == 1).all())
         >>> test()
+
     """
     if kind not in ("normal", "rademacher"):
-        raise ValueError(f"hessfunc.testing.directions_like: kind must be 'normal' or 'rademacher', got {kind!r}.")
+        raise ValueError(
+            f"hessfunc.testing.directions_like: kind must be 'normal' or 'rademacher', got {kind!r}."
+        )
     return _directions(params, batch, kind)
 
 
@@ -256,6 +261,7 @@ def losses(*, smooth: bool = True) -> st.SearchStrategy[Loss]:
         >>> y = loss.target((2, 3), torch.float64, g)
         >>> float(loss.fn(y, y))
         0.0
+
     """
     table = dict(SMOOTH_LOSSES)
     if not smooth:
@@ -274,18 +280,26 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def _weight(g: torch.Generator, shape: tuple[int, ...], fan_in: int, dtype: torch.dtype) -> torch.Tensor:
+def _weight(
+    g: torch.Generator, shape: tuple[int, ...], fan_in: int, dtype: torch.dtype
+) -> torch.Tensor:
     return (torch.randn(shape, generator=g, dtype=torch.float64) / math.sqrt(fan_in)).to(dtype)
 
 
-def _mlp(draw: Any, g: torch.Generator, n: int, classes: int, dtype: torch.dtype) -> tuple[Callable, PyTree, torch.Tensor, str]:
+def _mlp(
+    draw: Any, g: torch.Generator, n: int, classes: int, dtype: torch.dtype
+) -> tuple[Callable, PyTree, torch.Tensor, str]:
     widths = [draw(st.integers(1, 4))] + draw(st.lists(st.integers(1, 5), min_size=1, max_size=2))
     act_name = draw(st.sampled_from(sorted(_ACTIVATIONS)))
     act = _ACTIVATIONS[act_name]
     hidden = [
-        (_weight(g, (a, b), a, dtype), _weight(g, (b,), a, dtype)) for a, b in zip(widths[:-1], widths[1:])
+        (_weight(g, (a, b), a, dtype), _weight(g, (b,), a, dtype))
+        for a, b in zip(widths[:-1], widths[1:])
     ]
-    head = {"weight": _weight(g, (widths[-1], classes), widths[-1], dtype), "bias": _weight(g, (classes,), 1, dtype)}
+    head = {
+        "weight": _weight(g, (widths[-1], classes), widths[-1], dtype),
+        "bias": _weight(g, (classes,), 1, dtype),
+    }
     params = {"hidden": hidden, "head": head}
 
     def model(p: PyTree, x: torch.Tensor) -> torch.Tensor:
@@ -297,12 +311,24 @@ def _mlp(draw: Any, g: torch.Generator, n: int, classes: int, dtype: torch.dtype
     return model, params, x, f"mlp[{'-'.join(map(str, widths))}-{classes},{act_name}]"
 
 
-def _cnn(draw: Any, g: torch.Generator, n: int, classes: int, dtype: torch.dtype) -> tuple[Callable, PyTree, torch.Tensor, str]:
-    c_in, c_out, side = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.sampled_from([4, 6]))
+def _cnn(
+    draw: Any, g: torch.Generator, n: int, classes: int, dtype: torch.dtype
+) -> tuple[Callable, PyTree, torch.Tensor, str]:
+    c_in, c_out, side = (
+        draw(st.integers(1, 2)),
+        draw(st.integers(1, 3)),
+        draw(st.sampled_from([4, 6])),
+    )
     feat = c_out * (side // 2) ** 2
     params = {
-        "conv": {"weight": _weight(g, (c_out, c_in, 3, 3), 9 * c_in, dtype), "bias": _weight(g, (c_out,), 1, dtype)},
-        "head": {"weight": _weight(g, (classes, feat), feat, dtype), "bias": _weight(g, (classes,), 1, dtype)},
+        "conv": {
+            "weight": _weight(g, (c_out, c_in, 3, 3), 9 * c_in, dtype),
+            "bias": _weight(g, (c_out,), 1, dtype),
+        },
+        "head": {
+            "weight": _weight(g, (classes, feat), feat, dtype),
+            "bias": _weight(g, (classes,), 1, dtype),
+        },
     }
 
     def model(p: PyTree, x: torch.Tensor) -> torch.Tensor:
@@ -314,8 +340,14 @@ def _cnn(draw: Any, g: torch.Generator, n: int, classes: int, dtype: torch.dtype
     return model, params, x, f"cnn[{c_in}->{c_out},{side}x{side}->{classes}]"
 
 
-def _attention(draw: Any, g: torch.Generator, n: int, classes: int, dtype: torch.dtype) -> tuple[Callable, PyTree, torch.Tensor, str]:
-    heads, head_dim, length = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 4))
+def _attention(
+    draw: Any, g: torch.Generator, n: int, classes: int, dtype: torch.dtype
+) -> tuple[Callable, PyTree, torch.Tensor, str]:
+    heads, head_dim, length = (
+        draw(st.integers(1, 2)),
+        draw(st.integers(1, 3)),
+        draw(st.integers(1, 4)),
+    )
     d = heads * head_dim
     params = {
         "norm": (1 + 0.1 * _weight(g, (d,), 1, dtype), 0.1 * _weight(g, (d,), 1, dtype)),
@@ -342,7 +374,11 @@ _BUILDERS = {"mlp": _mlp, "cnn": _cnn, "attention": _attention}
 
 @st.composite
 def _models(
-    draw: Any, kinds: Sequence[str], dtype: torch.dtype, loss_strategy: st.SearchStrategy, max_batch: int
+    draw: Any,
+    kinds: Sequence[str],
+    dtype: torch.dtype,
+    loss_strategy: st.SearchStrategy,
+    max_batch: int,
 ) -> Problem:
     kind = draw(st.sampled_from(list(kinds)))
     loss: Loss = draw(loss_strategy)
@@ -401,10 +437,13 @@ def models(
         ...     f, params, args = problem
         ...     assert f(params, *args).shape == () and params["temperature"].dim() == 0
         >>> test()
+
     """
     unknown = set(kinds) - set(_BUILDERS)
     if not kinds or unknown:
-        raise ValueError(f"hessfunc.testing.models: kinds must be a non-empty subset of {sorted(_BUILDERS)}, got {kinds!r}.")
+        raise ValueError(
+            f"hessfunc.testing.models: kinds must be a non-empty subset of {sorted(_BUILDERS)}, got {kinds!r}."
+        )
     return _models(tuple(kinds), dtype, losses() if loss is None else loss, max_batch)
 
 
@@ -417,7 +456,9 @@ def _tree_problems(draw: Any, trees: st.SearchStrategy[PyTree]) -> Problem:
 
     def f(p: PyTree, freq: PyTree, mix: PyTree) -> torch.Tensor:
         leaves_p, leaves_w, leaves_u = (_tree.tree_leaves(t) for t in (p, freq, mix))
-        sep = sum(torch.sum(torch.sin(w * x)).double() for x, w in zip(leaves_p, leaves_w, strict=True))
+        sep = sum(
+            torch.sum(torch.sin(w * x)).double() for x, w in zip(leaves_p, leaves_w, strict=True)
+        )
         coupling = sum(torch.sum(u * x).double() for x, u in zip(leaves_p, leaves_u, strict=True))
         return sep + 0.5 * torch.tanh(coupling) ** 2
 
@@ -451,5 +492,6 @@ def tree_problems(trees: st.SearchStrategy[PyTree] | None = None) -> st.SearchSt
         ... def test(problem):
         ...     assert problem.f(problem.params, *problem.args).dtype == torch.float64
         >>> test()
+
     """
     return _tree_problems(pytrees() if trees is None else trees)

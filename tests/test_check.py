@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import zoo
 from conftest import assert_close, tol
 from hypothesis import given, settings
 
 import hessfunc
-import zoo
 from hessfunc import _tree
 from hessfunc.check import TOLERANCES, CheckReport, check_grad, check_hessian, check_hvp
 from hessfunc.fd import default_step
@@ -91,14 +91,20 @@ def test_correct_function_passes_every_checker_with_a_full_report():
     for checker, names in (
         (check_grad, {"grad"}),
         (check_hvp, {"grad", "hvp[fwd-rev]", "hvp[rev-rev]", "symmetry"}),
-        (check_hessian, {"grad", "hessian[fwd-rev]", "hessian[rev-rev]", "symmetry", "matrix-vs-hvp"}),
+        (
+            check_hessian,
+            {"grad", "hessian[fwd-rev]", "hessian[rev-rev]", "symmetry", "matrix-vs-hvp"},
+        ),
     ):
         report = checker(f, params, *args)
         assert isinstance(report, CheckReport) and report.ok and report.message == ""
         assert set(report.errors) == names
         assert all(0 <= e <= 1e-8 for e in report.errors.values())  # FD at u^(2/3), exact ~u
         assert report.step == default_step(torch.float64)
-        assert (report.rtol, report.atol) == (TOLERANCES[torch.float64]["rtol"], TOLERANCES[torch.float64]["atol"])
+        assert (report.rtol, report.atol) == (
+            TOLERANCES[torch.float64]["rtol"],
+            TOLERANCES[torch.float64]["atol"],
+        )
         norms = sum(x.reshape(3, -1).pow(2).sum(1) for x in _tree.tree_leaves(report.directions))
         assert_close(norms, torch.ones(3))
 
@@ -123,7 +129,9 @@ def test_checkers_pass_on_generated_models(problem):
 
 def test_wrong_backward_fails_check_grad_with_diagnosis():
     f, params, args = problem(WrongBackward)
-    with pytest.raises(AssertionError, match="gradient of f disagrees with finite differences") as err:
+    with pytest.raises(
+        AssertionError, match="gradient of f disagrees with finite differences"
+    ) as err:
         check_grad(f, params, *args)
     assert "grad: max relative error" in str(err.value)
     report = check_grad(f, params, *args, raise_on_fail=False)
@@ -136,7 +144,10 @@ def test_non_differentiable_backward_passes_check_grad_fails_check_hvp():
     with pytest.raises(AssertionError) as err:
         check_hvp(f, params, *args)
     msg = str(err.value)
-    assert "the HVP disagrees with finite differences of the gradient while the gradient itself is right" in msg
+    assert (
+        "the HVP disagrees with finite differences of the gradient while the gradient itself is right"
+        in msg
+    )
     assert ".detach()" in msg
     report = check_hvp(f, params, *args, raise_on_fail=False)
     assert report.errors["grad"] <= report.rtol
@@ -145,7 +156,8 @@ def test_non_differentiable_backward_passes_check_grad_fails_check_hvp():
         check_hessian(f, params, *args)
     # the broken HVP agrees with neither the exact Hessian of sin nor itself at FD level
     assert not torch.allclose(
-        hessfunc.hessian_matrix(f, params, *args), hessfunc.hessian_matrix(problem(Sin)[0], params, *args)
+        hessfunc.hessian_matrix(f, params, *args),
+        hessfunc.hessian_matrix(problem(Sin)[0], params, *args),
     )
 
 
@@ -191,7 +203,9 @@ def test_symmetry_check_catches_a_non_symmetric_second_derivative():
     report = check_hvp(lambda t: Skew.apply(t), x0.clone(), modes=("rev-rev",), raise_on_fail=False)
     assert report.errors["grad"] <= report.rtol
     assert report.errors["symmetry"] > 0.1
-    report = check_hessian(lambda t: Skew.apply(t), x0.clone(), modes=("rev-rev",), raise_on_fail=False)
+    report = check_hessian(
+        lambda t: Skew.apply(t), x0.clone(), modes=("rev-rev",), raise_on_fail=False
+    )
     assert report.errors["symmetry"] > 0.1
 
 
@@ -252,11 +266,17 @@ def test_checkers_mutate_nothing():
     case = zoo.case("cnn", "ce", n=2)
     model = case.model
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    flags = [(m.training, [(p.requires_grad, p.grad) for p in m.parameters(recurse=False)]) for m in model.modules()]
+    flags = [
+        (m.training, [(p.requires_grad, p.grad) for p in m.parameters(recurse=False)])
+        for m in model.modules()
+    ]
     params = {k: v.clone() for k, v in case.params.items()}
     rng = torch.get_rng_state()
     check_hvp(case.f, case.params, *case.args, modes=("rev-rev",), n_directions=2)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
-    assert flags == [(m.training, [(p.requires_grad, p.grad) for p in m.parameters(recurse=False)]) for m in model.modules()]
+    assert flags == [
+        (m.training, [(p.requires_grad, p.grad) for p in m.parameters(recurse=False)])
+        for m in model.modules()
+    ]
     assert all(torch.equal(params[k], v) for k, v in case.params.items())
     assert torch.equal(rng, torch.get_rng_state())

@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
+import zoo
 from conftest import assert_close, tol
 from hypothesis import given
 from hypothesis import strategies as st
 
 import hessfunc
-import zoo
 from hessfunc import _tree
 from hessfunc.fd import _step_along, default_step, fd_grad, fd_hessian_matrix, fd_hvp, fd_hvps
 from hessfunc.testing import directions_like, models, pytrees, tree_problems
@@ -25,11 +25,16 @@ def quadratic(n: int = 4, seed: int = 0):
 
 
 def smooth_tree():
-    params = {"w": torch.tensor([[0.3, -1.2], [0.7, 2.0]]), "b": (torch.tensor(0.5), torch.tensor([1.5, -0.4]))}
+    params = {
+        "w": torch.tensor([[0.3, -1.2], [0.7, 2.0]]),
+        "b": (torch.tensor(0.5), torch.tensor([1.5, -0.4])),
+    }
 
     def f(p):
         w, (s, b) = p["w"], p["b"]
-        return torch.sin(w).sum() * torch.cos(s) + torch.exp(0.3 * b).sum() + (w.sum() * b.sum()) ** 2
+        return (
+            torch.sin(w).sum() * torch.cos(s) + torch.exp(0.3 * b).sum() + (w.sum() * b.sum()) ** 2
+        )
 
     return f, params
 
@@ -81,7 +86,9 @@ def test_fd_hessian_matrix_matches_exact_on_zoo(name):
 def test_chunking_does_not_change_results():
     f, params = smooth_tree()
     assert_close(fd_grad(f, params, chunk_size=2), fd_grad(f, params), "fd-vs-fd")
-    assert_close(fd_hessian_matrix(f, params, chunk_size=3), fd_hessian_matrix(f, params), "fd-vs-fd")
+    assert_close(
+        fd_hessian_matrix(f, params, chunk_size=3), fd_hessian_matrix(f, params), "fd-vs-fd"
+    )
     vs = _tree.random_like(params, torch.Generator().manual_seed(2), batch=5)
     assert_close(fd_hvps(f, params, vs, chunk_size=2), fd_hvps(f, params, vs), "fd-vs-fd")
 
@@ -119,7 +126,9 @@ def test_mixed_precision_trees_keep_leaf_dtypes(problem):
     v = _tree.random_like(params, torch.Generator().manual_seed(3))
     hv = fd_hvp(f, params, v, *args)
     g = fd_grad(f, params, *args)
-    for leaf, p in zip(_tree.tree_leaves(hv) + _tree.tree_leaves(g), 2 * _tree.tree_leaves(params), strict=True):
+    for leaf, p in zip(
+        _tree.tree_leaves(hv) + _tree.tree_leaves(g), 2 * _tree.tree_leaves(params), strict=True
+    ):
         assert leaf.dtype == p.dtype and leaf.shape == p.shape
     # float32 leaves limit the accuracy: the float32 row applies to the whole tree, norm-wise
     # (the default float32 step is tuned for unit-scale third derivatives; single entries of
@@ -155,7 +164,9 @@ def test_central_truncation_error_is_second_order():
     th = torch.tensor([1.0])
     for h in (1e-2, 3e-3):
         err = fd_grad(f, th, step=h) - math.cos(1.0)
-        torch.testing.assert_close(err, torch.tensor([-(h**2) * math.cos(1.0) / 6]), **tol("fd", torch.float64))
+        torch.testing.assert_close(
+            err, torch.tensor([-(h**2) * math.cos(1.0) / 6]), **tol("fd", torch.float64)
+        )
 
 
 def test_default_step_values_and_rule():
@@ -165,10 +176,14 @@ def test_default_step_values_and_rule():
     th = torch.tensor([0.5, -300.0, 2.0])
     # a basis direction: h0 * max(1, |theta_i|)
     for i, expect in enumerate((h0, 300 * h0, 2 * h0)):
-        torch.testing.assert_close(_step_along(th, torch.eye(3)[i], None, 2), torch.tensor(expect), rtol=1e-14, atol=0)
+        torch.testing.assert_close(
+            _step_along(th, torch.eye(3)[i], None, 2), torch.tensor(expect), rtol=1e-14, atol=0
+        )
     # scaling the direction scales the step inversely, so h * v is unchanged
     v = torch.tensor([1.0, 2.0, -1.0])
-    torch.testing.assert_close(_step_along(th, 10 * v, None, 2) * 10, _step_along(th, v, None, 2), rtol=1e-14, atol=0)
+    torch.testing.assert_close(
+        _step_along(th, 10 * v, None, 2) * 10, _step_along(th, v, None, 2), rtol=1e-14, atol=0
+    )
     # an explicit step is used as is
     assert _step_along(th, 10 * v, 1e-3, 2) == 1e-3
 
@@ -176,10 +191,14 @@ def test_default_step_values_and_rule():
 def test_scale_invariance_and_zero_direction():
     f, params = smooth_tree()
     v = _tree.random_like(params, torch.Generator().manual_seed(5))
-    assert_close(fd_hvp(f, params, _tree.scale(1e3, v)), _tree.scale(1e3, fd_hvp(f, params, v)), "fd-vs-fd")
+    assert_close(
+        fd_hvp(f, params, _tree.scale(1e3, v)), _tree.scale(1e3, fd_hvp(f, params, v)), "fd-vs-fd"
+    )
     zero = fd_hvp(f, params, _tree.zeros_like(params))
     assert all(torch.equal(z, torch.zeros_like(z)) for z in _tree.tree_leaves(zero))
-    zero_dd = fd_grad(f, params, directions=_tree.tree_map(lambda x: torch.zeros(2, *x.shape), params))
+    zero_dd = fd_grad(
+        f, params, directions=_tree.tree_map(lambda x: torch.zeros(2, *x.shape), params)
+    )
     assert torch.equal(zero_dd, torch.zeros(2))
 
 
@@ -208,7 +227,9 @@ def test_float32_default_step_passes_where_naive_step_fails():
     exact_g = flat(torch.func.grad(f)(params, *args))
     torch.testing.assert_close(flat(fd_grad(f, params, *args)), exact_g, **tol("fd", torch.float32))
     with pytest.raises(AssertionError):
-        torch.testing.assert_close(flat(fd_grad(f, params, *args, step=1e-6)), exact_g, **tol("fd", torch.float32))
+        torch.testing.assert_close(
+            flat(fd_grad(f, params, *args, step=1e-6)), exact_g, **tol("fd", torch.float32)
+        )
 
 
 # ----------------------------------------------------------------------------- vmap and compile
@@ -258,7 +279,9 @@ def test_fd_hvp_compiles_fullgraph_equals_eager_without_recompiling():
 
 def test_bad_inputs_raise_named_errors():
     f, th, A = quadratic()
-    with pytest.raises(ValueError, match=r"fd_hvp\(f, params, v, \*args\): v must have the pytree structure"):
+    with pytest.raises(
+        ValueError, match=r"fd_hvp\(f, params, v, \*args\): v must have the pytree structure"
+    ):
         fd_hvp(f, th, (th,), A)
     with pytest.raises(ValueError, match="has shape"):
         fd_hvp(f, th, torch.ones(3), A)

@@ -53,7 +53,9 @@ def test_pytrees_reach_edge_cases():
         seen["bare"] |= isinstance(tree, torch.Tensor)
         seen["zero_d"] |= any(leaf.dim() == 0 for leaf in _tree.tree_leaves(tree))
         seen["tuple"] |= isinstance(tree, tuple)
-        seen["nested"] |= isinstance(tree, dict) and any(isinstance(c, (dict, list, tuple)) for c in tree.values())
+        seen["nested"] |= isinstance(tree, dict) and any(
+            isinstance(c, (dict, list, tuple)) for c in tree.values()
+        )
 
     from hypothesis import settings
 
@@ -76,7 +78,9 @@ def test_directions_like_rejects_unknown_kind():
         directions_like(torch.zeros(2), kind="uniform")
 
 
-@given(loss=losses(smooth=False), n=st.integers(1, 4), c=st.integers(2, 4), seed=st.integers(0, 100))
+@given(
+    loss=losses(smooth=False), n=st.integers(1, 4), c=st.integers(2, 4), seed=st.integers(0, 100)
+)
 def test_losses_give_scalars_with_their_targets(loss, n, c, seed):
     assert isinstance(loss, Loss) and loss.name in SMOOTH_LOSSES | KINKED_LOSSES
     g = torch.Generator().manual_seed(seed)
@@ -133,7 +137,9 @@ def test_tree_problem_hessian_has_the_closed_form(problem):
     f, params, (w, u) = problem
     x, wf, uf = (_tree.ravel(t)[0] for t in (params, w, u))
     t = torch.tanh(uf @ x)
-    expected = torch.diag(-(wf**2) * torch.sin(wf * x)) + (1 - t**2) * (1 - 3 * t**2) * torch.outer(uf, uf)
+    expected = torch.diag(-(wf**2) * torch.sin(wf * x)) + (1 - t**2) * (1 - 3 * t**2) * torch.outer(
+        uf, uf
+    )
     assert_close(hessfunc.hessian_matrix(f, params, w, u), expected)
 
 
@@ -145,7 +151,9 @@ def test_module_docstring_example_runs():
     code = "\n".join(line[8:] for line in src.splitlines() if line.strip())
     net = "class MyNet(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
     net += "        self.l = torch.nn.Linear(10, 3)\n    def forward(self, x):\n        return self.l(torch.tanh(x))\n"
-    code = code.replace("from hessfunc.testing import losses\n", "from hessfunc.testing import losses\n" + net)
+    code = code.replace(
+        "from hessfunc.testing import losses\n", "from hessfunc.testing import losses\n" + net
+    )
     scope: dict = {}
     exec(compile(code, "<docstring>", "exec"), scope)
     from hypothesis import settings
