@@ -36,7 +36,9 @@ def _affine(y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
 def _normalise(x: torch.Tensor, dims: Sequence[int], eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     mean = x.mean(dim=tuple(dims), keepdim=True)
     centred = x - mean
-    var = (centred * centred).mean(dim=tuple(dims), keepdim=True)
+    # pow(2), not centred * centred: inductor miscompiles the forward-over-reverse derivative of
+    # a tensor multiplied by itself in these graphs (see tests/test_compile.py).
+    var = centred.pow(2).mean(dim=tuple(dims), keepdim=True)
     return centred * torch.rsqrt(var + eps), mean, var
 
 
