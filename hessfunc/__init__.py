@@ -1,16 +1,36 @@
 """hessfunc: exact and matrix-free curvature for PyTorch, as pure functions over pytrees."""
 
+from . import losses as losses
 from ._tree import ravel as ravel
+from .fisher import fisher_vp as fisher_vp
+from .fisher import per_sample_grads as per_sample_grads
+from .ggn import ggn_matrix as ggn_matrix
+from .ggn import ggn_vp as ggn_vp
+from .ggn import ggn_vps as ggn_vps
 from .hessian import hessian as hessian
 from .hessian import hessian_matrix as hessian_matrix
 from .hvp import hvp as hvp
 from .hvp import hvps as hvps
 from .module import from_module as from_module
+from .solvers import CGResult as CGResult
+from .solvers import NewtonCGResult as NewtonCGResult
+from .solvers import cg as cg
+from .solvers import newton_cg_step as newton_cg_step
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CGResult",
+    "NewtonCGResult",
+    "cg",
+    "fisher_vp",
     "from_module",
+    "ggn_matrix",
+    "ggn_vp",
+    "ggn_vps",
+    "losses",
+    "newton_cg_step",
+    "per_sample_grads",
     "hessian",
     "hessian_matrix",
     "hvp",

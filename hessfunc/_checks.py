@@ -146,7 +146,7 @@ def scalar_fn(where: str, f: Callable[..., Any]) -> Callable[..., torch.Tensor]:
 
 
 @contextlib.contextmanager
-def second_order_kernels() -> Iterator[None]:
+def second_order_kernels() -> Iterator[CompositeNorms]:
     """Run ``f`` with kernels that have second derivatives.
 
     The fused scaled-dot-product-attention kernels (flash, memory-efficient, and the CPU flash
@@ -170,11 +170,32 @@ def second_order_kernels() -> Iterator[None]:
     mha = torch.backends.mha
     fastpath = mha._is_fastpath_enabled
     mha._is_fastpath_enabled = False
+    norms = CompositeNorms()
     try:
-        with sdpa_kernel(SDPBackend.MATH), CompositeNorms():
-            yield
+        with sdpa_kernel(SDPBackend.MATH), norms:
+            yield norms
     finally:
         mha._is_fastpath_enabled = fastpath
+
+
+def traced_mode(mode: str, probe: Callable[[], Any]) -> str:
+    """The AD mode to use, given that we may be inside ``torch.compile``.
+
+    Inductor (torch 2.13, CPU) miscompiles forward-over-reverse products through normalisation
+    layers followed by products of their outputs (LayerNorm, RMSNorm, or the same formula written
+    by hand, before attention): the compiled HVP of a transformer block was off by more than
+    50% while the eager one, and the compiled reverse-over-reverse one, were right
+    (pytorch#190855 and pytorch#136662 are other silent inductor errors in second derivatives).
+    So while tracing, ``probe`` (one evaluation of ``f``) tells whether ``f`` calls a
+    normalisation layer; if it does, ``"fwd-rev"`` is traced as ``"rev-rev"``, which gives the
+    same product. The probe's result is unused, so the compiled graph drops it: it costs trace
+    time only. Eager code keeps the requested mode.
+    """
+    if mode != "fwd-rev" or not torch.compiler.is_compiling():
+        return mode
+    with second_order_kernels() as norms:
+        probe()
+    return "rev-rev" if norms.seen else mode
 
 
 _FWD_AD_MARKERS = ("forward AD", "forward mode AD", "jvp function")

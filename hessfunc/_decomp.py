@@ -103,11 +103,24 @@ _COMPOSITE: dict[Callable, Callable] = {
 }
 
 
+# Every normalisation entry point, composite or not: ``seen`` records whether ``f`` uses one.
+_NORMS = frozenset([*_COMPOSITE, F.rms_norm])
+
+
 class CompositeNorms(TorchFunctionMode):
-    """Route normalisation layers to their composite forms (see the module docstring)."""
+    """Route normalisation layers to their composite forms (see the module docstring).
+
+    ``seen`` becomes True once any normalisation layer has been called under the mode.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if func in _NORMS:
+            self.seen = True
         composite = _COMPOSITE.get(func)
         if composite is not None:
             return composite(*args, **kwargs)

@@ -35,6 +35,7 @@ def _dense(
     n = flat.numel()
     _memory.guard(where, n, flat.dtype, flat.device, chunk_size, max_bytes)
     grad_flat = jacrev(flat_f)
+    mode = _checks.traced_mode(mode, lambda: flat_f(flat))
     with _checks.second_order_kernels():
         if mode == "fwd-rev":
 

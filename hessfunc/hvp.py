@@ -71,17 +71,18 @@ def hvp(
         The Hessian of :math:`\theta^\top A \theta` is :math:`A + A^\top`:
 
         >>> import torch, hessfunc
-        >>> A = torch.tensor([[1.0, 2.0], [0.0, 3.0]], dtype=torch.float64)
+        >>> A = torch.tensor([[1.0, 2.0], [0.0, 3.0]])
         >>> f = lambda th, A: th @ A @ th
-        >>> th, v = torch.ones(2, dtype=torch.float64), torch.tensor([1.0, 0.0], dtype=torch.float64)
+        >>> th, v = torch.ones(2), torch.tensor([1.0, 0.0])
         >>> hessfunc.hvp(f, th, v, A)
-        tensor([2., 2.], dtype=torch.float64)
+        tensor([2., 2.])
     """
     where = "hessfunc.hvp(f, params, v, *args)"
     _checks.check_mode(where, mode)
     _checks.check_params(where, params)
     _checks.check_like(where, params, v)
     grad_fn = _grad_fn(where, f, args)
+    mode = _checks.traced_mode(mode, lambda: f(params, *args))
     with _checks.second_order_kernels():
         if mode == "fwd-rev":
             return _with_fwd_hint(where, lambda: jvp(grad_fn, (params,), (v,))[1])
@@ -130,6 +131,7 @@ def hvps(
     _checks.check_params(where, params)
     _checks.check_like(where, params, vs, "vs", batched=True)
     grad_fn = _grad_fn(where, f, args)
+    mode = _checks.traced_mode(mode, lambda: f(params, *args))
     with _checks.second_order_kernels():
         if mode == "fwd-rev":
             one = lambda t: jvp(grad_fn, (params,), (t,))[1]  # noqa: E731
