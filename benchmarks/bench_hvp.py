@@ -5,23 +5,34 @@ baseline timed in the same run: HVPs against the gradient of the same workload (
 eager, compiled against compiled), dense Hessians against ``torch.autograd.functional.hessian``.
 Compiled results are also checked against eager ones, since a compiled Hessian product can be
 silently wrong (see the README's notes on torch.compile).
+
+With ``--jax`` (and JAX importable; otherwise a note is printed and JAX is skipped) the same
+workloads run in JAX too, written by hand in ``bench_jax.py`` with the same shapes and float32
+weights. Each JAX forward is checked against torch's logits first (asserted below 1e-4 on CPU),
+and JAX's HVP and GGN product against hessfunc's along the same direction; then the compiled
+hessfunc products are reported as ratios to the jitted JAX ones. ``benchmarks/gpu_run.sh`` runs the
+GPU comparison in one command.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
 from torch.func import grad, jacrev, jvp
 
 sys.path.insert(0, str(Path(__file__).parent))
+import bench_jax  # noqa: E402  (sets XLA_PYTHON_CLIENT_PREALLOCATE before JAX is imported)
 import common  # noqa: E402
 import workloads  # noqa: E402
 
 import hessfunc  # noqa: E402
 from hessfunc import _tree  # noqa: E402
+from hessfunc.ggn import ggn_vp  # noqa: E402
+from hessfunc.losses import CrossEntropyLoss  # noqa: E402
 
 
 def autograd_double_backward(f, params, v, args):
@@ -43,43 +54,151 @@ def max_rel_err(a, b) -> float:
     return ((fa - fb).abs().max() / fb.abs().max().clamp_min(1e-30)).item()
 
 
-def products(w, device, compile_: bool, repeat: int):
+def products(w, device, compile_: bool, repeat: int, modes=("fwd-rev", "rev-rev")):
+    """Rows of the product table, notes, and the raw numbers the JAX comparison needs.
+
+    ``stats`` holds seconds (``grad``, ``grad_c``, ``hvp_c``, ``ggn_c``: eager and compiled
+    gradient, compiled fwd-rev HVP and GGN product) and peak bytes (``mem_*``, CUDA only).
+    """
     f, params, args = w.f, w.params, w.args
     v = _tree.random_like(params, torch.Generator().manual_seed(0))
+    loss = CrossEntropyLoss(w.y)
     rows, notes = [], []
     t_grad = common.timeit(lambda: grad(f)(params, *args), device, repeat=repeat)
     eager = {
         "hvp fwd-rev": lambda: hessfunc.hvp(f, params, v, *args),
         "hvp rev-rev": lambda: hessfunc.hvp(f, params, v, *args, mode="rev-rev"),
-        "hand-written jvp(jacrev(f))": lambda: jvp(lambda p: jacrev(f)(p, *args), (params,), (v,))[1],
+        "ggn_vp fwd-rev": lambda: ggn_vp(w.model_fn, loss, params, v, w.x),
+        "hand-written jvp(jacrev(f))": lambda: jvp(lambda p: jacrev(f)(p, *args), (params,), (v,))[
+            1
+        ],
         "autograd double backward": lambda: autograd_double_backward(f, params, v, args),
         "torch.autograd.functional.hvp": lambda: autograd_functional_hvp(f, params, v, args),
     }
     mem_grad = common.peak_memory(lambda: grad(f)(params, *args), device)
+    stats = {"grad": t_grad, "mem_grad": mem_grad, "v": v}
     rows.append([w.name, "gradient (eager)", t_grad * 1e3, 1.0, "-", mem_grad and 1.0 or "n/a"])
     for name, fn in eager.items():
         try:
             t = common.timeit(fn, device, repeat=repeat)
         except Exception as err:  # a baseline that cannot run this workload
             rows.append([w.name, name, "fails", "-", "-", "-"])
-            notes.append(f"{w.name} / {name}: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
+            notes.append(
+                f"{w.name} / {name}: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+            )
             continue
         mem = common.peak_memory(fn, device)
-        rows.append([w.name, name + " (eager)", t * 1e3, t / t_grad, "-", (mem / mem_grad) if mem and mem_grad else "n/a"])
+        rows.append([w.name, name + " (eager)", t * 1e3, t / t_grad, "-", ratio(mem, mem_grad)])
     if compile_:
         torch._dynamo.reset()
         cg = torch.compile(lambda p, *a: grad(f)(p, *a), fullgraph=True)
         tc_grad = common.timeit(lambda: cg(params, *args), device, repeat=repeat)
         mem_cg = common.peak_memory(lambda: cg(params, *args), device)
-        rows.append([w.name, "gradient (compiled)", tc_grad * 1e3, tc_grad / t_grad, 1.0, mem_cg and mem_cg / mem_grad or "n/a"])
-        for mode in ("fwd-rev", "rev-rev"):
-            ch = torch.compile(lambda p, v, *a, mode=mode: hessfunc.hvp(f, p, v, *a, mode=mode), fullgraph=True)
-            err = max_rel_err(ch(params, v, *args), hessfunc.hvp(f, params, v, *args, mode=mode))
-            t = common.timeit(lambda: ch(params, v, *args), device, repeat=repeat)
-            mem = common.peak_memory(lambda: ch(params, v, *args), device)
-            rows.append([w.name, f"hvp {mode} (compiled)", t * 1e3, t / t_grad, t / tc_grad, (mem / mem_grad) if mem and mem_grad else "n/a"])
-            notes.append(f"{w.name} / compiled hvp {mode}: max relative error against eager {err:.1e}")
-    return rows, notes
+        stats.update(grad_c=tc_grad, mem_grad_c=mem_cg)
+        rows.append(
+            [
+                w.name,
+                "gradient (compiled)",
+                tc_grad * 1e3,
+                tc_grad / t_grad,
+                1.0,
+                ratio(mem_cg, mem_grad),
+            ]
+        )
+        compiled = {
+            f"hvp {mode}": (
+                torch.compile(
+                    lambda p, v, *a, mode=mode: hessfunc.hvp(f, p, v, *a, mode=mode), fullgraph=True
+                ),
+                lambda mode=mode: hessfunc.hvp(f, params, v, *args, mode=mode),
+            )
+            for mode in modes
+        }
+        compiled["ggn_vp fwd-rev"] = (
+            torch.compile(lambda p, v, *a: ggn_vp(w.model_fn, loss, p, v, w.x), fullgraph=True),
+            lambda: ggn_vp(w.model_fn, loss, params, v, w.x),
+        )
+        for name, (ch, ref) in compiled.items():
+            t0 = time.perf_counter()
+            out = ch(params, v, *args)
+            compile_s = time.perf_counter() - t0
+            err = max_rel_err(out, ref())
+            t = common.timeit(lambda ch=ch: ch(params, v, *args), device, repeat=repeat)
+            mem = common.peak_memory(lambda ch=ch: ch(params, v, *args), device)
+            rows.append(
+                [
+                    w.name,
+                    f"{name} (compiled)",
+                    t * 1e3,
+                    t / t_grad,
+                    t / tc_grad,
+                    ratio(mem, mem_grad),
+                ]
+            )
+            notes.append(
+                f"{w.name} / compiled {name}: first call {compile_s:.0f} s; "
+                f"max relative error against eager {err:.1e}"
+            )
+            key = "hvp_c" if name == "hvp fwd-rev" else "ggn_c" if name.startswith("ggn") else None
+            if key:
+                stats.update({key: t, f"mem_{key}": mem})
+    return rows, notes, stats
+
+
+def ratio(a, b):
+    return a / b if a and b else "n/a"
+
+
+def jax_compare(w, device, stats, repeat: int):
+    """The JAX products on the same workload, checked against hessfunc's, as one table row."""
+    v = stats["v"]
+    r = bench_jax.run(w, device, v, repeat, check_tol=1e-4 if device == "cpu" else None)
+    hv = hessfunc.hvp(w.f, w.params, v, *w.args)
+    gv = ggn_vp(w.model_fn, CrossEntropyLoss(w.y), w.params, v, w.x)
+    err_h = bench_jax.max_rel_err(r["hvp_v"], hv)
+    err_g = bench_jax.max_rel_err(r["ggn_v"], gv)
+    print(
+        f"[{w.name}] JAX vs hessfunc: HVP rel. err {err_h:.1e}, GGN rel. err {err_g:.1e}",
+        flush=True,
+    )
+    g_c, h_c, n_c = (stats.get(k, float("nan")) for k in ("grad_c", "hvp_c", "ggn_c"))
+    row = [
+        w.name,
+        h_c / g_c,
+        n_c / g_c,
+        h_c / r["hvp"],
+        n_c / r["ggn"],
+        r["hvp"] / r["grad"],
+        r["ggn"] / r["grad"],
+        ratio(stats.get("mem_hvp_c"), stats.get("mem_grad_c")),
+        ratio(stats.get("mem_ggn_c"), stats.get("mem_grad_c")),
+        f"{r['forward_diff']:.1e}",
+        f"{err_h:.1e}",
+        f"{err_g:.1e}",
+    ]
+    note = (
+        f"{w.name}: ms torch compiled grad / hvp / ggn_vp {g_c * 1e3:.3g} / {h_c * 1e3:.3g} / "
+        f"{n_c * 1e3:.3g}; JAX jitted grad / hvp / ggn {r['grad'] * 1e3:.3g} / "
+        f"{r['hvp'] * 1e3:.3g} / {r['ggn'] * 1e3:.3g}; JAX compile s "
+        f"{r['compile_grad']:.1f} / {r['compile_hvp']:.1f} / {r['compile_ggn']:.1f}"
+    )
+    return row, note
+
+
+JAX_HEADER = [
+    "workload",
+    "torch hvp / grad",
+    "torch ggn_vp / grad",
+    "hessfunc hvp / JAX hvp",
+    "hessfunc ggn_vp / JAX ggn",
+    "JAX hvp / grad",
+    "JAX ggn / grad",
+    "torch hvp mem / grad mem",
+    "torch ggn_vp mem / grad mem",
+    "JAX forward max abs diff",
+    "JAX vs hessfunc HVP rel. err",
+    "JAX vs hessfunc GGN rel. err",
+]
 
 
 def dense(device, repeat: int):
@@ -93,16 +212,42 @@ def dense(device, repeat: int):
     rows = []
     base = {}
     for vec in (False, True):
-        t = common.timeit(lambda vec=vec: torch.autograd.functional.hessian(ref_fn, flat, vectorize=vec), device, warmup=1, repeat=3, min_time=0)
+        t = common.timeit(
+            lambda vec=vec: torch.autograd.functional.hessian(ref_fn, flat, vectorize=vec),
+            device,
+            warmup=1,
+            repeat=3,
+            min_time=0,
+        )
         base[vec] = t
-        rows.append([f"torch.autograd.functional.hessian(vectorize={vec})", t * 1e3, t / t_grad, 1.0 if not vec else t / base[False]])
+        rows.append(
+            [
+                f"torch.autograd.functional.hessian(vectorize={vec})",
+                t * 1e3,
+                t / t_grad,
+                1.0 if not vec else t / base[False],
+            ]
+        )
     R = torch.autograd.functional.hessian(ref_fn, flat)
     for mode in ("fwd-rev", "rev-rev"):
-        t = common.timeit(lambda mode=mode: hessfunc.hessian_matrix(f, params, *args, mode=mode), device, warmup=1, repeat=repeat)
-        rows.append([f"hessfunc.hessian_matrix(mode={mode!r})", t * 1e3, t / t_grad, t / base[False]])
+        t = common.timeit(
+            lambda mode=mode: hessfunc.hessian_matrix(f, params, *args, mode=mode),
+            device,
+            warmup=1,
+            repeat=repeat,
+        )
+        rows.append(
+            [f"hessfunc.hessian_matrix(mode={mode!r})", t * 1e3, t / t_grad, t / base[False]]
+        )
     err = ((H - R).abs().max() / R.abs().max()).item()
-    text = common.table(["dense Hessian, n=%d" % n, "ms", "gradient times", "time / autograd.functional (default)"], rows)
-    return text + f"\n\nhessian_matrix vs autograd.functional.hessian: max relative difference {err:.1e}.\n"
+    text = common.table(
+        [f"dense Hessian, n={n}", "ms", "gradient times", "time / autograd.functional (default)"],
+        rows,
+    )
+    return (
+        text
+        + f"\n\nhessian_matrix vs autograd.functional.hessian: max relative difference {err:.1e}.\n"
+    )
 
 
 def main() -> None:
@@ -112,30 +257,93 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--repeat", type=int, default=7)
-    ap.add_argument("--record", action="store_true", help="append the tables to benchmarks/RESULTS.md")
-    ap.add_argument("--note", default="", help="a line recorded with the results (e.g. machine load)")
+    ap.add_argument(
+        "--jax",
+        action="store_true",
+        help="also run the workloads in JAX (hand-written, same weights) and compare",
+    )
+    ap.add_argument(
+        "--hvp-modes",
+        default=None,
+        help="compiled hvp modes (default fwd-rev,rev-rev; fwd-rev only with --jax, to keep "
+        "compile time down)",
+    )
+    ap.add_argument(
+        "--jax-precision",
+        default="highest",
+        choices=["default", "high", "highest"],
+        help="jax_default_matmul_precision (highest = full float32, as torch's default matmul)",
+    )
+    ap.add_argument("--record", action="store_true", help="append the tables to RESULTS.md")
+    ap.add_argument("--note", default="", help="a line recorded with the results (e.g. load)")
     a = ap.parse_args()
+    start = time.perf_counter()
     torch.manual_seed(0)
-    rows, notes = [], []
+    modes = tuple((a.hvp_modes or ("fwd-rev" if a.jax else "fwd-rev,rev-rev")).split(","))
+    use_jax = a.jax
+    if use_jax and bench_jax.jax is None:
+        print(
+            f"note: --jax given but JAX cannot be imported ({bench_jax.JAX_ERROR}); skipping JAX."
+        )
+        use_jax = False
+    if use_jax:
+        bench_jax.jax.config.update("jax_default_matmul_precision", a.jax_precision)
+        try:
+            bench_jax.jax_device(a.device)
+        except RuntimeError as err:
+            print(f"note: skipping JAX: {err}")
+            use_jax = False
+    header = ["workload", "product", "ms", "/ eager grad", "/ compiled grad", "peak mem / grad"]
+    rows, notes, jax_rows, jax_notes = [], [], [], []
     for name in a.workloads.split(","):
         if not name:
             continue
         w = workloads.WORKLOADS[name](device=a.device)
         print(f"[{name}] {sum(t.numel() for t in w.params.values()):,} parameters", flush=True)
-        r, n = products(w, a.device, not a.no_compile, a.repeat)
+        r, n, stats = products(w, a.device, not a.no_compile, a.repeat, modes)
         rows += r
         notes += n
-        print(common.table(["workload", "product", "ms", "/ eager grad", "/ compiled grad", "peak mem / grad"], r), flush=True)
-    body = f"Machine: {common.machine(a.device)}. float32 products; {a.note}\n\n"
+        print(common.table(header, r), flush=True)
+        if use_jax:
+            jr, jn = jax_compare(w, a.device, stats, a.repeat)
+            jax_rows.append(jr)
+            jax_notes.append(jn)
+    versions = f"torch {torch.__version__}"
+    if use_jax:
+        versions += f", {bench_jax.versions()}, JAX matmul precision {a.jax_precision!r}"
+    if str(a.device).startswith("cuda"):
+        versions += (
+            f"; torch TF32: matmul {torch.backends.cuda.matmul.allow_tf32}, "
+            f"cuDNN conv {torch.backends.cudnn.allow_tf32}"
+        )
+    body = f"Machine: {common.machine(a.device)}. {versions}. float32 products. {a.note}\n\n"
     if rows:
-        body += common.table(["workload", "product", "ms", "/ eager grad", "/ compiled grad", "peak mem / grad"], rows)
+        body += common.table(header, rows)
         body += "\n\n" + "\n".join(f"- {x}" for x in notes) + "\n"
+    if jax_rows:
+        jt = common.table(JAX_HEADER, jax_rows)
+        print(jt)
+        body += (
+            "\n### Against JAX (jitted, same architectures and float32 weights)\n\n"
+            "Torch columns are compiled hessfunc products over the compiled torch.func gradient "
+            "(fwd-rev); memory is peak CUDA bytes of the product over the gradient's. "
+            "JAX rows: jax.jvp(jax.grad) for the HVP; jvp inside vjp with the closed-form "
+            "softmax cross-entropy output Hessian for the GGN product.\n\n"
+            + jt
+            + "\n\n"
+            + "\n".join(f"- {x}" for x in jax_notes)
+            + "\n"
+        )
     if not a.no_dense:
         d = dense(a.device, a.repeat)
         print(d)
         body += "\n" + d
+    elapsed = time.perf_counter() - start
+    body += f"\nWhole run: {elapsed:.0f} s.\n"
+    print(f"whole run: {elapsed:.0f} s", flush=True)
     if a.record:
-        common.record(f"bench_hvp.py on {a.device}", body)
+        title = f"bench_hvp.py on {a.device}" + (" with JAX" if use_jax else "")
+        common.record(title, body)
 
 
 if __name__ == "__main__":

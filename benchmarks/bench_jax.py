@@ -54,7 +54,9 @@ def versions() -> str:
     """``"JAX x.y.z (backend)"`` or why JAX is unavailable."""
     if jax is None:
         return f"JAX unavailable ({JAX_ERROR})"
-    return f"JAX {jax.__version__} (jaxlib {jax.lib.__version__ if hasattr(jax.lib, '__version__') else '?'}, default backend {jax.default_backend()})"
+    import jaxlib
+
+    return f"JAX {jax.__version__} (jaxlib {jaxlib.__version__}, backend {jax.default_backend()})"
 
 
 def jax_device(device: str):
@@ -228,7 +230,14 @@ def max_rel_err(a: dict[str, Any], b: dict[str, torch.Tensor]) -> float:
     return num / max(den, 1e-30)
 
 
-def run(w: workloads.Workload, device: str, v: dict[str, torch.Tensor], repeat: int, *, check_tol: float | None) -> dict[str, Any]:
+def run(
+    w: workloads.Workload,
+    device: str,
+    v: dict[str, torch.Tensor],
+    repeat: int,
+    *,
+    check_tol: float | None,
+) -> dict[str, Any]:
     """Check the forward pass, then time the jitted JAX products on ``w``'s batch.
 
     Returns a dict with ``forward_diff``, times in seconds (``grad``, ``hvp``, ``ggn``), compile
@@ -241,7 +250,12 @@ def run(w: workloads.Workload, device: str, v: dict[str, torch.Tensor], repeat: 
     diff = forward_max_abs_diff(w, jw)
     print(f"[{w.name}] JAX forward vs torch logits: max abs diff {diff:.2e}", flush=True)
     if check_tol is not None:
-        assert diff < check_tol, f"{w.name}: JAX forward differs from torch by {diff:.2e} (>= {check_tol:g}); not timing a different function"
+        assert diff < check_tol, (
+            f"{w.name}: JAX forward differs from torch by {diff:.2e} (>= {check_tol:g}); "
+            "not timing a different function"
+        )
+    elif diff > 1e-3:  # GPU: TF32 convolutions in torch by default; warn rather than stop the run
+        print(f"WARNING [{w.name}]: JAX and torch logits differ by {diff:.1e}", flush=True)
     vj = tree_to_jax(v, dev)
     fns = make_products(jw)
     calls = {
@@ -257,12 +271,16 @@ def run(w: workloads.Workload, device: str, v: dict[str, torch.Tensor], repeat: 
         if key != "grad":
             res[f"{key}_v"] = out
         # same warmup/repeat policy as the torch timings; the torch sync is a no-op for "cpu"
-        res[key] = common.timeit(lambda call=call: jax.block_until_ready(call()), "cpu", repeat=repeat)
+        res[key] = common.timeit(
+            lambda call=call: jax.block_until_ready(call()), "cpu", repeat=repeat
+        )
     return res
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workloads", default="mlp,cnn,transformer")
     ap.add_argument("--repeat", type=int, default=7)
@@ -278,8 +296,31 @@ def main() -> None:
 
         v = _tree.random_like(w.params, torch.Generator().manual_seed(0))
         r = run(w, a.device, v, a.repeat, check_tol=1e-4 if a.device == "cpu" else None)
-        rows.append([name, r["forward_diff"], r["grad"] * 1e3, r["hvp"] * 1e3, r["ggn"] * 1e3, r["hvp"] / r["grad"], r["ggn"] / r["grad"]])
-    print(common.table(["workload", "forward max abs diff", "grad ms", "hvp ms", "ggn ms", "hvp / grad", "ggn / grad"], rows))
+        rows.append(
+            [
+                name,
+                r["forward_diff"],
+                r["grad"] * 1e3,
+                r["hvp"] * 1e3,
+                r["ggn"] * 1e3,
+                r["hvp"] / r["grad"],
+                r["ggn"] / r["grad"],
+            ]
+        )
+    print(
+        common.table(
+            [
+                "workload",
+                "forward max abs diff",
+                "grad ms",
+                "hvp ms",
+                "ggn ms",
+                "hvp / grad",
+                "ggn / grad",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":
