@@ -17,15 +17,29 @@ GPU comparison in one command.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-import torch
-from torch.func import grad, jacrev, jvp
+if "--jax" in sys.argv:
+    # Two libraries in one process share whichever cuDNN/cuBLAS was loaded first, and JAX checks
+    # that its runtime cuDNN is not older than the one it was built with (jax#19004). JAX's
+    # wheels usually pin the newer one and cuDNN is backward compatible, so start JAX's backends
+    # before torch loads its CUDA libraries. Preallocation off: torch's peak memory is measured.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    try:
+        import jax
+
+        jax.devices()
+    except Exception:  # reported later by bench_jax, which retries the import
+        pass
+
+import torch  # noqa: E402
+from torch.func import grad, jacrev, jvp  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-import bench_jax  # noqa: E402  (sets XLA_PYTHON_CLIENT_PREALLOCATE before JAX is imported)
+import bench_jax  # noqa: E402
 import common  # noqa: E402
 import workloads  # noqa: E402
 
@@ -305,7 +319,15 @@ def main() -> None:
         notes += n
         print(common.table(header, r), flush=True)
         if use_jax:
-            jr, jn = jax_compare(w, a.device, stats, a.repeat)
+            try:
+                jr, jn = jax_compare(w, a.device, stats, a.repeat)
+            except AssertionError:  # the JAX model is not torch's: stop, timing it is pointless
+                raise
+            except Exception as err:  # e.g. a CUDA library clash; keep the torch results
+                msg = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
+                print(f"[{name}] JAX failed: {msg}", flush=True)
+                jr = [name] + ["JAX failed"] + ["-"] * (len(JAX_HEADER) - 2)
+                jn = f"{name}: JAX failed: {msg}"
             jax_rows.append(jr)
             jax_notes.append(jn)
     versions = f"torch {torch.__version__}"
