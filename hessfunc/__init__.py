@@ -2,6 +2,14 @@
 
 from . import losses as losses
 from ._tree import ravel as ravel
+from .check import CheckReport as CheckReport
+from .check import check_grad as check_grad
+from .check import check_hessian as check_hessian
+from .check import check_hvp as check_hvp
+from .fd import fd_grad as fd_grad
+from .fd import fd_hessian_matrix as fd_hessian_matrix
+from .fd import fd_hvp as fd_hvp
+from .fd import fd_hvps as fd_hvps
 from .fisher import fisher_vp as fisher_vp
 from .fisher import per_sample_grads as per_sample_grads
 from .ggn import ggn_matrix as ggn_matrix
@@ -21,19 +29,27 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CGResult",
+    "CheckReport",
     "NewtonCGResult",
     "cg",
+    "check_grad",
+    "check_hessian",
+    "check_hvp",
+    "fd_grad",
+    "fd_hessian_matrix",
+    "fd_hvp",
+    "fd_hvps",
     "fisher_vp",
     "from_module",
     "ggn_matrix",
     "ggn_vp",
     "ggn_vps",
-    "losses",
-    "newton_cg_step",
-    "per_sample_grads",
     "hessian",
     "hessian_matrix",
     "hvp",
     "hvps",
+    "losses",
+    "newton_cg_step",
+    "per_sample_grads",
     "ravel",
 ]
