@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 
-def _affine(y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, shape) -> torch.Tensor:
+def _affine(
+    y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, shape
+) -> torch.Tensor:
     if weight is not None:
         y = y * weight.reshape(shape)
     if bias is not None:
@@ -33,7 +35,9 @@ def _affine(y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
     return y
 
 
-def _normalise(x: torch.Tensor, dims: Sequence[int], eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _normalise(
+    x: torch.Tensor, dims: Sequence[int], eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     mean = x.mean(dim=tuple(dims), keepdim=True)
     centred = x - mean
     # pow(2), not centred * centred: inductor miscompiles the forward-over-reverse derivative of
@@ -53,10 +57,14 @@ def _update_running(running, stat, momentum, n) -> None:
         running.mul_(1 - momentum).add_(momentum * stat)
 
 
-def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
+def batch_norm(
+    input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
+):
     shape = (1, -1) + (1,) * (input.dim() - 2)
     if not training:
-        return _FUSED[F.batch_norm](input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return _FUSED[F.batch_norm](
+            input, running_mean, running_var, weight, bias, training, momentum, eps
+        )
     dims = [0, *range(2, input.dim())]
     y, mean, var = _normalise(input, dims, eps)
     if running_mean is not None and running_var is not None:
@@ -67,7 +75,14 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 
 
 def instance_norm(
-    input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True, momentum=0.1, eps=1e-5
+    input,
+    running_mean=None,
+    running_var=None,
+    weight=None,
+    bias=None,
+    use_input_stats=True,
+    momentum=0.1,
+    eps=1e-5,
 ):
     shape = (1, -1) + (1,) * (input.dim() - 2)
     if not use_input_stats:
@@ -77,7 +92,9 @@ def instance_norm(
     if running_mean is not None and running_var is not None:
         n = input[0, 0].numel()
         _update_running(running_mean, mean.detach().mean(0).reshape(-1), momentum, n)
-        _update_running(running_var, var.detach().mean(0).reshape(-1) * n / max(n - 1, 1), momentum, n)
+        _update_running(
+            running_var, var.detach().mean(0).reshape(-1) * n / max(n - 1, 1), momentum, n
+        )
     return _affine(y, weight, bias, shape)
 
 
@@ -117,7 +134,9 @@ class CompositeNorms(TorchFunctionMode):
         super().__init__()
         self.seen = False
 
-    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+    def __torch_function__(
+        self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         if func in _NORMS:
             self.seen = True

@@ -47,7 +47,9 @@ def tree_unflatten(spec: optree.PyTreeSpec, leaves: list[Any]) -> PyTree:
 
 
 def tree_map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
-    return optree.tree_map(fn, tree, *rest, is_leaf=_is_leaf, none_is_leaf=False, namespace=NAMESPACE)
+    return optree.tree_map(
+        fn, tree, *rest, is_leaf=_is_leaf, none_is_leaf=False, namespace=NAMESPACE
+    )
 
 
 def tree_paths(tree: PyTree) -> list[str]:

@@ -176,7 +176,9 @@ def hessian(
             and all(isinstance(a, int) and not isinstance(a, bool) for a in argnums)
         )
     ):
-        raise TypeError(f"{where}: argnums must be an int or a non-empty tuple of ints, got {argnums!r}.")
+        raise TypeError(
+            f"{where}: argnums must be an int or a non-empty tuple of ints, got {argnums!r}."
+        )
 
     def hess_fn(*args: Any) -> PyTree:
         nums = argnums if isinstance(argnums, tuple) else (argnums,)

@@ -12,7 +12,14 @@ from torch.func import functional_call
 
 __all__ = ["from_module"]
 
-_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+_DROPOUT = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
 
 
 def _stochastic_or_stateful(module: nn.Module) -> list[str]:
@@ -76,7 +83,9 @@ def from_module(module: nn.Module) -> tuple[Callable[..., Any], dict[str, torch.
         True
     """
     if not isinstance(module, nn.Module):
-        raise TypeError(f"hessfunc.from_module(module): expected an nn.Module, got {type(module).__name__}.")
+        raise TypeError(
+            f"hessfunc.from_module(module): expected an nn.Module, got {type(module).__name__}."
+        )
     trainable = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
     frozen_names = [n for n, p in module.named_parameters() if not p.requires_grad]
     expected = set(trainable)
@@ -84,12 +93,16 @@ def from_module(module: nn.Module) -> tuple[Callable[..., Any], dict[str, torch.
     def apply(params: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
         where = f"hessfunc.from_module({type(module).__name__}) apply(params, ...)"
         if not isinstance(params, dict):
-            raise TypeError(f"{where}: params must be a dict of name -> tensor, got {type(params).__name__}.")
+            raise TypeError(
+                f"{where}: params must be a dict of name -> tensor, got {type(params).__name__}."
+            )
         keys = set(params)
         if keys != expected:
             unknown, missing = sorted(keys - expected), sorted(expected - keys)
             hints = [
-                f"{u!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, expected, 1)) else repr(u)
+                f"{u!r} (did you mean {m[0]!r}?)"
+                if (m := difflib.get_close_matches(u, expected, 1))
+                else repr(u)
                 for u in unknown
             ]
             msg = []
@@ -113,6 +126,8 @@ def from_module(module: nn.Module) -> tuple[Callable[..., Any], dict[str, torch.
         tensors = {n: named[n].detach() for n in frozen_names}
         tensors.update(params)
         buffers = dict(module.named_buffers())
-        return functional_call(module, (tensors, buffers), args, kwargs, tie_weights=True, strict=True)
+        return functional_call(
+            module, (tensors, buffers), args, kwargs, tie_weights=True, strict=True
+        )
 
     return apply, trainable

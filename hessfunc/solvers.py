@@ -111,11 +111,17 @@ def cg(
         curved = pAp > 0
         negative = negative | (active & ~curved)
         active = active & curved
-        alpha = torch.where(active, rs / torch.where(curved, pAp, torch.ones_like(pAp)), torch.zeros_like(rs))
+        alpha = torch.where(
+            active, rs / torch.where(curved, pAp, torch.ones_like(pAp)), torch.zeros_like(rs)
+        )
         x = _tree.axpy(alpha, p, x)
         r = _tree.axpy(-alpha, Ap, r)
         rs_new = _tree.vdot(r, r)
-        beta = torch.where(active & (rs > 0), rs_new / torch.where(rs > 0, rs, torch.ones_like(rs)), torch.zeros_like(rs))
+        beta = torch.where(
+            active & (rs > 0),
+            rs_new / torch.where(rs > 0, rs, torch.ones_like(rs)),
+            torch.zeros_like(rs),
+        )
         p = _tree.axpy(beta, p, r)
         rs = torch.where(active, rs_new, rs)
         iterations = iterations + active.to(iterations.dtype)

@@ -294,7 +294,7 @@ def _mlp(
     act = _ACTIVATIONS[act_name]
     hidden = [
         (_weight(g, (a, b), a, dtype), _weight(g, (b,), a, dtype))
-        for a, b in zip(widths[:-1], widths[1:])
+        for a, b in zip(widths[:-1], widths[1:], strict=True)
     ]
     head = {
         "weight": _weight(g, (widths[-1], classes), widths[-1], dtype),

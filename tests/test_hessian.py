@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
-import hessfunc
 from conftest import assert_close, tol
 from zoo import raveled_reference
+
+import hessfunc
 
 MODES = ("fwd-rev", "rev-rev")
 
@@ -41,7 +41,9 @@ def test_logistic_regression(mode):
     f = lambda w, X, y: F.binary_cross_entropy_with_logits(X @ w, y)
     p = torch.sigmoid(X @ w)
     expected = X.T @ (X * (p * (1 - p))[:, None]) / 30
-    torch.testing.assert_close(hessfunc.hessian_matrix(f, w, X, y, mode=mode), expected, **tol("exact", torch.float64))
+    torch.testing.assert_close(
+        hessfunc.hessian_matrix(f, w, X, y, mode=mode), expected, **tol("exact", torch.float64)
+    )
 
 
 def _mlp_f(p, x):
@@ -77,7 +79,9 @@ def test_block_hessian_wrt_inputs_laplacian(mode):
     a = torch.tensor(1.7)
     x = torch.randn(4)
     H = hessfunc.hessian(lambda params, x: torch.sin(params * x).sum(), argnums=1, mode=mode)(a, x)
-    torch.testing.assert_close(torch.trace(H), -(a**2) * torch.sin(a * x).sum(), **tol("exact", torch.float64))
+    torch.testing.assert_close(
+        torch.trace(H), -(a**2) * torch.sin(a * x).sum(), **tol("exact", torch.float64)
+    )
 
 
 def test_tuple_argnums_gives_tuple_of_tuples():
@@ -104,7 +108,12 @@ def test_chunk_size_does_not_change_the_result(mode):
     params, x = _mlp_params(), torch.randn(4, 2)
     full = hessfunc.hessian_matrix(_mlp_f, params, x, mode=mode)
     for c in (1, 4, 15, 100):
-        torch.testing.assert_close(hessfunc.hessian_matrix(_mlp_f, params, x, mode=mode, chunk_size=c), full, rtol=0, atol=1e-12)
+        torch.testing.assert_close(
+            hessfunc.hessian_matrix(_mlp_f, params, x, mode=mode, chunk_size=c),
+            full,
+            rtol=0,
+            atol=1e-12,
+        )
 
 
 def test_mixed_dtypes_promote():

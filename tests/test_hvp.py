@@ -3,12 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+import zoo
+from conftest import assert_close, tol
 from torch import nn
 from torch.func import vmap
 
 import hessfunc
-import zoo
-from conftest import assert_close, tol
 from hessfunc import _tree
 
 MODES = ("fwd-rev", "rev-rev")
@@ -38,7 +38,9 @@ def test_hvp_equals_matrix_times_v(mode):
     v = direction(c.params)
     H = hessfunc.hessian_matrix(c.f, c.params, *c.args)
     hv = hessfunc.hvp(c.f, c.params, v, *c.args, mode=mode)
-    torch.testing.assert_close(hessfunc.ravel(hv)[0], H @ hessfunc.ravel(v)[0], **tol("exact", torch.float64))
+    torch.testing.assert_close(
+        hessfunc.ravel(hv)[0], H @ hessfunc.ravel(v)[0], **tol("exact", torch.float64)
+    )
 
 
 def test_modes_agree_and_symmetry_holds():
@@ -58,7 +60,9 @@ def test_hvps_matches_stacked_hvp(mode, chunk_size):
     batched = hessfunc.hvps(c.f, c.params, vs, *c.args, mode=mode, chunk_size=chunk_size)
     for i in range(5):
         vi = _tree.tree_map(lambda t: t[i], vs)
-        assert_close(_tree.tree_map(lambda t: t[i], batched), hessfunc.hvp(c.f, c.params, vi, *c.args))
+        assert_close(
+            _tree.tree_map(lambda t: t[i], batched), hessfunc.hvp(c.f, c.params, vi, *c.args)
+        )
 
 
 def test_vmap_of_hvp_composes():
@@ -74,7 +78,9 @@ def test_vmap_of_hvp_composes():
 def test_models_against_autograd_double_backward(model, mode, dtype):
     c = zoo.case(model, "ce", dtype=dtype)
     v = direction(c.params)
-    assert_close(hessfunc.hvp(c.f, c.params, v, *c.args, mode=mode), autograd_hvp(c.f, c.params, v, *c.args))
+    assert_close(
+        hessfunc.hvp(c.f, c.params, v, *c.args, mode=mode), autograd_hvp(c.f, c.params, v, *c.args)
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
@@ -107,8 +113,12 @@ def test_mse_loss_forward_over_reverse_works():
 
 NORMS = {
     "layer_norm": lambda h, p: F.layer_norm(h.permute(0, 2, 3, 1), (4,), p["g"], p["b"]),
-    "batch_norm_batch_stats": lambda h, p: F.batch_norm(h, None, None, p["g"], p["b"], training=True),
-    "batch_norm_eval": lambda h, p: F.batch_norm(h, torch.ones(4) * 0.1, torch.ones(4) * 2, p["g"], p["b"]),
+    "batch_norm_batch_stats": lambda h, p: F.batch_norm(
+        h, None, None, p["g"], p["b"], training=True
+    ),
+    "batch_norm_eval": lambda h, p: F.batch_norm(
+        h, torch.ones(4) * 0.1, torch.ones(4) * 2, p["g"], p["b"]
+    ),
     "instance_norm": lambda h, p: F.instance_norm(h, weight=p["g"], bias=p["b"]),
     "group_norm": lambda h, p: F.group_norm(h, 2, p["g"], p["b"]),
 }
@@ -139,9 +149,15 @@ def test_composite_norms_leave_the_forward_value_unchanged():
     pairs = [
         (F.layer_norm(x, (5, 5)), _decomp.layer_norm(x, (5, 5))),
         (F.layer_norm(x, (5,), torch.randn(5), None), None),
-        (F.batch_norm(x, None, None, g, b, training=True), _decomp.batch_norm(x, None, None, g, b, training=True)),
+        (
+            F.batch_norm(x, None, None, g, b, training=True),
+            _decomp.batch_norm(x, None, None, g, b, training=True),
+        ),
         (F.instance_norm(x, weight=g, bias=b), _decomp.instance_norm(x, weight=g, bias=b)),
-        (F.instance_norm(x, rm, rv, use_input_stats=False), _decomp.instance_norm(x, rm, rv, use_input_stats=False)),
+        (
+            F.instance_norm(x, rm, rv, use_input_stats=False),
+            _decomp.instance_norm(x, rm, rv, use_input_stats=False),
+        ),
         (F.group_norm(x, 2, g, b), _decomp.group_norm(x, 2, g, b)),
     ]
     for fused, composite in pairs:

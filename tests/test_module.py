@@ -4,13 +4,13 @@ import copy
 
 import pytest
 import torch
+import zoo
+from conftest import assert_close
+from test_hvp import autograd_hvp, direction
 from torch import nn
 
 import hessfunc
-import zoo
-from conftest import assert_close
 from hessfunc import _tree
-from test_hvp import autograd_hvp, direction
 
 
 class Tied(nn.Module):
@@ -44,7 +44,9 @@ def test_unknown_and_missing_names_are_errors_with_suggestions():
     m = nn.Sequential(nn.Linear(2, 2))
     apply, params = hessfunc.from_module(m)
     bad = {"0.wieght": params["0.weight"], "0.bias": params["0.bias"]}
-    with pytest.raises(KeyError, match=r"'0.wieght' \(did you mean '0.weight'\?\).*missing '0.weight'"):
+    with pytest.raises(
+        KeyError, match=r"'0.wieght' \(did you mean '0.weight'\?\).*missing '0.weight'"
+    ):
         apply(bad, torch.zeros(1, 2))
     with pytest.raises(KeyError, match="missing '0.bias'"):
         apply({"0.weight": params["0.weight"]}, torch.zeros(1, 2))
@@ -54,7 +56,10 @@ def test_unknown_and_missing_names_are_errors_with_suggestions():
 
 def test_training_mode_batchnorm_and_dropout_are_refused():
     x = torch.randn(4, 3)
-    for m in (nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)), nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5))):
+    for m in (
+        nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)),
+        nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5)),
+    ):
         apply, params = hessfunc.from_module(m.train())
         with pytest.raises(RuntimeError, match=r"module.eval\(\)"):
             apply(params, x)
@@ -67,7 +72,9 @@ def test_training_mode_batchnorm_and_dropout_are_refused():
 
 
 def test_batch_statistics_without_running_stats_are_differentiated_exactly():
-    m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Tanh(), nn.Linear(4, 1)).train()
+    m = nn.Sequential(
+        nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Tanh(), nn.Linear(4, 1)
+    ).train()
     apply, params = hessfunc.from_module(m)
     x = torch.randn(6, 3)
     f = lambda p, x: apply(p, x).pow(2).mean()

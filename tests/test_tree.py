@@ -55,7 +55,9 @@ def test_unravel_composes_with_vmap():
     _, unravel = hessfunc.ravel(tree)
     batch = torch.arange(14.0).reshape(2, 7)
     out = torch.func.vmap(unravel)(batch)
-    assert out["w"].shape == (2, 2, 2) and torch.equal(out["b"][1], torch.tensor([11.0, 12.0, 13.0]))
+    assert out["w"].shape == (2, 2, 2) and torch.equal(
+        out["b"][1], torch.tensor([11.0, 12.0, 13.0])
+    )
 
 
 def test_blocks_from_matrix_layout():

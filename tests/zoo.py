@@ -29,7 +29,7 @@ ACTIVATIONS = {"tanh": nn.Tanh, "gelu": nn.GELU, "relu": nn.ReLU, "softplus": nn
 def mlp(widths=(4, 6, 3), act: str = "tanh", dtype=torch.float64, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
         layers.append(nn.Linear(a, b))
         if i < len(widths) - 2:
             layers.append(ACTIVATIONS[act]())
@@ -65,7 +65,9 @@ class TinyTransformer(nn.Module):
     def __init__(self, vocab: int = 7, d: int = 8, classes: int = 3) -> None:
         super().__init__()
         self.emb = nn.Embedding(vocab, d)
-        self.enc = nn.TransformerEncoderLayer(d, nhead=2, dim_feedforward=12, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoderLayer(
+            d, nhead=2, dim_feedforward=12, dropout=0.0, batch_first=True
+        )
         self.q = nn.Linear(d, d)
         self.head = nn.Linear(d, classes)
 
@@ -85,7 +87,9 @@ def _regression_target(out: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return torch.randn(out.shape, generator=g, dtype=out.dtype)
 
 
-def make_loss(name: str, out_shape: tuple[int, int], dtype, seed: int = 1) -> tuple[Callable, tuple]:
+def make_loss(
+    name: str, out_shape: tuple[int, int], dtype, seed: int = 1
+) -> tuple[Callable, tuple]:
     """``(loss(out, *targets), targets)`` for a named loss on logits of ``out_shape = (N, C)``."""
     g = torch.Generator().manual_seed(seed)
     N, C = out_shape
@@ -113,8 +117,19 @@ def make_loss(name: str, out_shape: tuple[int, int], dtype, seed: int = 1) -> tu
 
 
 LOSSES = (
-    "mse", "l1", "smooth_l1", "huber", "ce", "ce_probs", "ce_smooth", "nll", "bce_logits",
-    "kl_div", "gaussian_nll", "poisson_nll", "hand_written",
+    "mse",
+    "l1",
+    "smooth_l1",
+    "huber",
+    "ce",
+    "ce_probs",
+    "ce_smooth",
+    "nll",
+    "bce_logits",
+    "kl_div",
+    "gaussian_nll",
+    "poisson_nll",
+    "hand_written",
 )
 
 
