@@ -1,0 +1,142 @@
+"""The compile contract: every matrix-free product compiles with fullgraph=True, gives the eager
+result, and does not recompile when called again with new data of the same shapes.
+
+Compiling costs seconds on a CPU, so each compiled function is built once per module and reused.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import zoo
+from conftest import assert_close
+
+import hessfunc
+from hessfunc import _tree
+from hessfunc.fd import fd_hvp
+from hessfunc.losses import CrossEntropyLoss
+
+pytestmark = pytest.mark.compile
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def problem(model: str, dtype, seed: int, n: int = 4):
+    """The zoo case with new data (inputs and targets) for each seed, same shapes."""
+    c = zoo.case(model, "ce", dtype=dtype, n=n)
+    g = torch.Generator().manual_seed(100 + seed)
+    x = c.args[0]
+    x = (
+        torch.randint(0, 7, x.shape, generator=g)
+        if model == "transformer"
+        else torch.randn(x.shape, generator=g, dtype=dtype)
+    )
+    y = torch.randint(0, 3, (n,), generator=g)
+    apply, _ = hessfunc.from_module(c.model)
+    model_fn = lambda p, x: apply(p, x)  # noqa: E731
+    v = _tree.random_like(c.params, torch.Generator().manual_seed(200 + seed))
+    return c.f, model_fn, c.params, v, x, y
+
+
+def products(f, model_fn, dtype):
+    """name -> product(params, v, x, y); the same closures run eager and compiled."""
+    # uniform draws for the Monte-Carlo Fisher; dynamo cannot trace a torch.Generator argument
+    noise = torch.rand(2, 4, 3, generator=torch.Generator().manual_seed(7), dtype=dtype)
+    return {
+        "hvp": lambda p, v, x, y: hessfunc.hvp(f, p, v, x, y),
+        "hvp_rev_rev": lambda p, v, x, y: hessfunc.hvp(f, p, v, x, y, mode="rev-rev"),
+        "hvps": lambda p, v, x, y: hessfunc.hvps(
+            f, p, _tree.tree_map(lambda t: torch.stack([t, 2 * t]), v), x, y, chunk_size=1
+        ),
+        "ggn_vp": lambda p, v, x, y: hessfunc.ggn_vp(model_fn, CrossEntropyLoss(y), p, v, x),
+        "fisher_vp_empirical": lambda p, v, x, y: hessfunc.fisher_vp(
+            model_fn, CrossEntropyLoss(y), p, v, x
+        ),
+        "fisher_vp_mc": lambda p, v, x, y: hessfunc.fisher_vp(
+            model_fn, CrossEntropyLoss(y), p, v, x, kind="mc", noise=noise, mc_samples=2
+        ),
+        "fd_hvp": lambda p, v, x, y: fd_hvp(f, p, v, x, y),
+        "newton_cg_step": lambda p, v, x, y: (
+            hessfunc.newton_cg_step(f, p, x, y, damping=1e-2, maxiter=3).params
+        ),
+    }
+
+
+@functools.cache
+def compiled(model: str, dtype, name: str):
+    f, model_fn, *_ = problem(model, dtype, 0)
+    return torch.compile(products(f, model_fn, dtype)[name], fullgraph=True)
+
+
+def check_contract(model, dtype, name):
+    f, model_fn, params, v, x, y = problem(model, dtype, 0)
+    eager = products(f, model_fn, dtype)[name]
+    fn = compiled(model, dtype, name)
+    # finite differences amplify rounding differences by 1/h: compare them as FD results
+    kind = "fd-vs-fd" if name.startswith("fd") else "exact"
+    assert_close(fn(params, v, x, y), eager(params, v, x, y), kind)
+    # new data, same shapes: no recompilation allowed
+    _, _, params2, v2, x2, y2 = problem(model, dtype, 1)
+    params2 = _tree.tree_map(lambda t: t + 0.01, params2)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        out = fn(params2, v2, x2, y2)
+    assert_close(out, eager(params2, v2, x2, y2), kind)
+
+
+MLP_PRODUCTS = [
+    "hvp",
+    "hvp_rev_rev",
+    "hvps",
+    "ggn_vp",
+    "fisher_vp_empirical",
+    "fisher_vp_mc",
+    "fd_hvp",
+    "newton_cg_step",
+]
+
+
+@pytest.mark.parametrize("name", MLP_PRODUCTS)
+def test_mlp_float64(name):
+    check_contract("mlp-tanh", torch.float64, name)
+
+
+def test_mlp_float32_hvp():
+    check_contract("mlp-tanh", torch.float32, "hvp")
+
+
+@pytest.mark.parametrize("name", ["hvp", "ggn_vp", "fisher_vp_empirical", "fd_hvp"])
+def test_transformer_block_float32(name):
+    # the transformer's LayerNorms make hvp trace its reverse-over-reverse path (see
+    # hessfunc._checks.traced_mode): compiled forward-over-reverse is miscompiled here
+    check_contract("transformer", torch.float32, name)
+
+
+def test_changing_batch_size():
+    """Forward mode under compile specialises on the batch size; rev-rev with dynamic=True does not."""
+    # batch sizes unequal to every layer width, so dynamo's duck sizing cannot tie them
+    f, model_fn, params, v, x, y = problem("mlp-tanh", torch.float64, 0, n=5)
+    _, _, _, _, x6, y6 = problem("mlp-tanh", torch.float64, 1, n=7)
+    _, _, _, _, x8, y8 = problem("mlp-tanh", torch.float64, 2, n=9)
+    fwd = torch.compile(
+        lambda p, v, x, y: hessfunc.hvp(f, p, v, x, y), fullgraph=True, dynamic=True
+    )
+    fwd(params, v, x, y)
+    with (
+        pytest.raises(Exception, match="(?i)recompil"),
+        torch.compiler.set_stance("fail_on_recompile"),
+    ):
+        fwd(params, v, x6, y6)
+    rev = torch.compile(
+        lambda p, v, x, y: hessfunc.hvp(f, p, v, x, y, mode="rev-rev"), fullgraph=True, dynamic=True
+    )
+    rev(params, v, x, y)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for xb, yb in ((x6, y6), (x8, y8)):
+            assert_close(rev(params, v, xb, yb), hessfunc.hvp(f, params, v, xb, yb))
