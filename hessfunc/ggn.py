@@ -28,7 +28,7 @@ from torch.func import jacrev, jvp, vjp, vmap
 
 from . import _checks, _memory, _tree
 from ._types import Mode, PyTree
-from .hessian import _basis
+from .hessian import rows_over_basis
 from .hvp import _with_fwd_hint
 from .losses import Loss
 
@@ -262,12 +262,4 @@ def ggn_matrix(
     _memory.guard(where, n, flat.dtype, flat.device, chunk_size, max_bytes)
     product = _ggn_product(where, lambda z, *a: model_fn(unravel(z), *a), loss_fn, mode, args)
     with _checks.second_order_kernels():
-        batched = vmap(lambda t: product(flat, t))
-        if chunk_size is None or chunk_size >= n:
-            return _with_fwd_hint(where, lambda: batched(_basis(0, n, n, flat)))
-        out = torch.empty(n, n, dtype=flat.dtype, device=flat.device)
-        for start in range(0, n, chunk_size):
-            stop = min(start + chunk_size, n)
-            basis = _basis(start, stop, n, flat)
-            out[start:stop] = _with_fwd_hint(where, lambda b=basis: batched(b))
-        return out
+        return rows_over_basis(where, vmap(lambda t: product(flat, t)), flat, chunk_size)

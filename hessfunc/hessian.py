@@ -48,15 +48,30 @@ def _dense(
             def product(t: torch.Tensor) -> torch.Tensor:
                 return pullback(t)[0]
 
-        batched = vmap(product)
-        if chunk_size is None or chunk_size >= n:
-            return _with_fwd_hint(where, lambda: batched(_basis(0, n, n, flat)))
-        out = torch.empty(n, n, dtype=flat.dtype, device=flat.device)
-        for start in range(0, n, chunk_size):
-            stop = min(start + chunk_size, n)
-            basis = _basis(start, stop, n, flat)
-            out[start:stop] = _with_fwd_hint(where, lambda b=basis: batched(b))
-        return out
+        return rows_over_basis(where, vmap(product), flat, chunk_size)
+
+
+def rows_over_basis(
+    where: str,
+    batched: Callable[[torch.Tensor], torch.Tensor],
+    flat: torch.Tensor,
+    chunk_size: int | None,
+) -> torch.Tensor:
+    """The ``(n, n)`` matrix whose row ``i`` is ``batched`` applied to :math:`e_i`.
+
+    ``batched`` maps a ``(k, n)`` block of basis vectors to ``(k, n)`` products. Without chunks
+    the basis is built whole; with chunks the result is preallocated and filled block by block,
+    so only ``chunk_size`` basis rows exist at a time (what ``_memory.dense_bytes`` assumes).
+    """
+    n = flat.numel()
+    if chunk_size is None or chunk_size >= n:
+        return _with_fwd_hint(where, lambda: batched(_basis(0, n, n, flat)))
+    out = torch.empty(n, n, dtype=flat.dtype, device=flat.device)
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        basis = _basis(start, stop, n, flat)
+        out[start:stop] = _with_fwd_hint(where, lambda b=basis: batched(b))
+    return out
 
 
 def _flat_objective(
