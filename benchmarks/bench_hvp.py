@@ -330,9 +330,9 @@ def main() -> None:
                 jn = f"{name}: JAX failed: {msg}"
             jax_rows.append(jr)
             jax_notes.append(jn)
-    versions = f"torch {torch.__version__}"
+    versions = "JAX not run"
     if use_jax:
-        versions += f", {bench_jax.versions()}, JAX matmul precision {a.jax_precision!r}"
+        versions = f"{bench_jax.versions()}, JAX matmul precision {a.jax_precision!r}"
     if str(a.device).startswith("cuda"):
         versions += (
             f"; torch TF32: matmul {torch.backends.cuda.matmul.allow_tf32}, "
