@@ -172,7 +172,31 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True, eq=False)
-class MSELoss(Loss):
+class _ElementwiseLoss(Loss):
+    """A loss summed (or averaged) over every element of outputs shaped like the target."""
+
+    target: torch.Tensor
+    reduction: Reduction = "mean"
+
+    def __post_init__(self) -> None:
+        self._check_reduction(self.reduction)
+        self._check_tensor("__init__", self.target, "target")
+
+    def _check(self, method: str, outputs: Any) -> None:
+        self._check_tensor(method, outputs)
+        if _shape(outputs) != _shape(self.target):
+            raise ValueError(
+                f"{self._where(method)}: outputs have shape {_shape(outputs)} but the target has "
+                f"{_shape(self.target)}; they must match (no broadcasting)."
+            )
+
+    @override
+    def scale(self, outputs: torch.Tensor) -> float:
+        return 1.0 / max(outputs.numel(), 1) if self.reduction == "mean" else 1.0
+
+
+@dataclass(frozen=True, eq=False)
+class MSELoss(_ElementwiseLoss):
     r"""Mean squared error :math:`c \sum (f - y)^2`, as ``F.mse_loss(outputs, target)``.
 
     ``"mean"`` averages over every element (:math:`c = 1/\text{numel}`), like torch. Output-space
@@ -193,29 +217,10 @@ class MSELoss(Loss):
 
     """
 
-    target: torch.Tensor
-    reduction: Reduction = "mean"
-
-    def __post_init__(self) -> None:
-        self._check_reduction(self.reduction)
-        self._check_tensor("__init__", self.target, "target")
-
-    def _check(self, method: str, outputs: Any) -> None:
-        self._check_tensor(method, outputs)
-        if _shape(outputs) != _shape(self.target):
-            raise ValueError(
-                f"{self._where(method)}: outputs have shape {_shape(outputs)} but the target has "
-                f"{_shape(self.target)}; they must match (no broadcasting)."
-            )
-
     @override
     def __call__(self, outputs: torch.Tensor) -> torch.Tensor:
         self._check("__call__", outputs)
         return F.mse_loss(outputs, self.target, reduction=self.reduction)
-
-    @override
-    def scale(self, outputs: torch.Tensor) -> float:
-        return 1.0 / max(outputs.numel(), 1) if self.reduction == "mean" else 1.0
 
     @override
     def hvp(self, outputs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -572,7 +577,7 @@ class NLLLoss(Loss):
 
 
 @dataclass(frozen=True, eq=False)
-class BCEWithLogitsLoss(Loss):
+class BCEWithLogitsLoss(_ElementwiseLoss):
     r"""Binary cross-entropy on logits, as ``F.binary_cross_entropy_with_logits``.
 
     Element-wise :math:`\ell = \log(1 + e^f) - y f`; ``"mean"`` averages over every element.
@@ -592,29 +597,10 @@ class BCEWithLogitsLoss(Loss):
 
     """
 
-    target: torch.Tensor
-    reduction: Reduction = "mean"
-
-    def __post_init__(self) -> None:
-        self._check_reduction(self.reduction)
-        self._check_tensor("__init__", self.target, "target")
-
-    def _check(self, method: str, outputs: Any) -> None:
-        self._check_tensor(method, outputs)
-        if _shape(outputs) != _shape(self.target):
-            raise ValueError(
-                f"{self._where(method)}: outputs have shape {_shape(outputs)} but the target has "
-                f"{_shape(self.target)}; they must match."
-            )
-
     @override
     def __call__(self, outputs: torch.Tensor) -> torch.Tensor:
         self._check("__call__", outputs)
         return F.binary_cross_entropy_with_logits(outputs, self.target, reduction=self.reduction)
-
-    @override
-    def scale(self, outputs: torch.Tensor) -> float:
-        return 1.0 / max(outputs.numel(), 1) if self.reduction == "mean" else 1.0
 
     @override
     def hvp(self, outputs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
