@@ -163,6 +163,11 @@ def ravel(tree: PyTree) -> tuple[torch.Tensor, Callable[[torch.Tensor], PyTree]]
     else:
         flat = torch.zeros(0)
 
+    # A PyTreeSpec made outside a torch.compile region cannot be used inside it (dynamo's optree
+    # polyfill rejects the foreign spec object), so unravel keeps a template with placeholder
+    # leaves and flattens it where it runs: eager, or while being traced.
+    template = tree_unflatten(spec, list(range(len(leaves))))
+
     def unravel(vec: torch.Tensor) -> PyTree:
         if vec.shape != (sum(sizes),):
             raise ValueError(
@@ -171,7 +176,7 @@ def ravel(tree: PyTree) -> tuple[torch.Tensor, Callable[[torch.Tensor], PyTree]]
             )
         parts = torch.split(vec, sizes) if sizes else []
         out = [p.reshape(s).to(d) for p, s, d in zip(parts, shapes, dtypes, strict=True)]
-        return tree_unflatten(spec, out)
+        return tree_unflatten(tree_structure(template), out)
 
     return flat, unravel
 

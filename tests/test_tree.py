@@ -95,7 +95,12 @@ def test_roundtrip_property(tree):
 
 
 @pytest.mark.compile
-def test_ravel_order_is_the_same_under_compile():
-    tree = {"b": torch.ones(2), "a": torch.zeros(3)}
+def test_ravel_order_is_the_same_under_compile_and_unravel_crosses_the_boundary():
+    tree = {"b": torch.ones(2), "a": (torch.zeros(3), torch.full((), 5.0))}
     compiled = torch.compile(lambda t: hessfunc.ravel(t)[0] * 2, fullgraph=True)
-    assert compiled(tree).tolist() == [2.0, 2.0, 0.0, 0.0, 0.0]
+    assert compiled(tree).tolist() == [2.0, 2.0, 0.0, 0.0, 0.0, 10.0]
+    # an unravel made outside the compiled region works inside it
+    flat, unravel = hessfunc.ravel(tree)
+    inside = torch.compile(lambda z: unravel(3 * z), fullgraph=True)(flat)
+    assert list(inside) == ["b", "a"] and inside["a"][1].shape == ()
+    assert inside["a"][1].item() == 15.0
