@@ -55,6 +55,10 @@ def guard(
 ) -> None:
     """Refuse (before allocating anything) a dense ``(n, n)`` build over the memory budget."""
     need = dense_bytes(n, torch.empty((), dtype=dtype).element_size(), chunk_size)
+    if max_bytes is None and torch.compiler.is_compiling():
+        # Free memory cannot be read inside a compiled graph (file I/O and CUDA queries are not
+        # traceable); only an explicit max_bytes is enforced there.
+        return
     if max_bytes is None:
         budget = int(DEFAULT_SHARE * available_bytes(device))
         budget_txt = f"{_gib(budget)}, half of the memory available on {device}"

@@ -18,8 +18,7 @@ __all__ = ["hessian", "hessian_matrix"]
 def _basis(start: int, stop: int, n: int, like: torch.Tensor) -> torch.Tensor:
     """Rows ``start:stop`` of the ``n x n`` identity, without building the identity."""
     rows = torch.zeros(stop - start, n, dtype=like.dtype, device=like.device)
-    idx = torch.arange(stop - start, device=like.device)
-    rows[idx, idx + start] = 1
+    rows.diagonal(start).fill_(1)
     return rows
 
 

@@ -143,3 +143,19 @@ def test_changing_batch_size():
     with torch.compiler.set_stance("fail_on_recompile"):
         for xb, yb in ((x6, y6), (x8, y8)):
             assert_close(rev(params, v, xb, yb), hessfunc.hvp(f, params, v, xb, yb))
+
+
+def test_hessian_matrix_compiles_without_a_budget_lookup():
+    # the default memory budget reads free memory, which a compiled graph cannot; under compile
+    # only an explicit max_bytes is enforced (checked at trace time)
+    f, _, params, _, x, y = problem("mlp-tanh", torch.float64, 0)
+    compiled_h = torch.compile(lambda p, x, y: hessfunc.hessian_matrix(f, p, x, y), fullgraph=True)
+    assert_close(compiled_h(params, x, y), hessfunc.hessian_matrix(f, params, x, y))
+    over = torch.compile(
+        lambda p, x, y: hessfunc.hessian_matrix(f, p, x, y, max_bytes=100), fullgraph=True
+    )
+    # dynamo re-raises errors found while tracing as Unsupported, with our message inside
+    with pytest.raises(
+        (MemoryError, torch._dynamo.exc.Unsupported), match="hessian_matrix.*max_bytes"
+    ):
+        over(params, x, y)
