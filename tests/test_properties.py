@@ -10,7 +10,7 @@ from hessfunc import _tree
 from hessfunc.testing import directions_like, models, tree_problems
 
 
-def _identities(problem, u, v):
+def _check_identities(problem, u, v):
     f, params, args = problem
     Hv = hessfunc.hvp(f, params, v, *args)
     # the other AD mode
@@ -31,14 +31,14 @@ def _identities(problem, u, v):
 def test_identities_on_generated_models(data, problem):
     u = data.draw(directions_like(problem.params))
     v = data.draw(directions_like(problem.params))
-    _identities(problem, u, v)
+    _check_identities(problem, u, v)
 
 
 @given(data=st.data(), problem=tree_problems())
 def test_identities_on_generated_pytrees(data, problem):
     u = data.draw(directions_like(problem.params))
     v = data.draw(directions_like(problem.params))
-    _identities(problem, u, v)
+    _check_identities(problem, u, v)
 
 
 @given(data=st.data(), problem=models(kinds=("mlp",)))

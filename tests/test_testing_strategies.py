@@ -158,4 +158,5 @@ def test_module_docstring_example_runs():
     exec(compile(code, "<docstring>", "exec"), scope)
     from hypothesis import settings
 
+    # check_hvp inside the example raises AssertionError when an HVP disagrees with FD
     settings(max_examples=5, deadline=None, database=None)(scope["test_my_net_hvp"])()
