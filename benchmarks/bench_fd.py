@@ -12,37 +12,24 @@ Usage: python benchmarks/bench_fd.py [--repeats 3] [--record]
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import statistics
-import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
-import hessfunc
-from hessfunc.fd import default_step, fd_hessian_matrix
+sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
+import workloads  # noqa: E402
+
+import hessfunc  # noqa: E402
+from hessfunc.fd import default_step, fd_hessian_matrix  # noqa: E402
 
 
 def make_problem(widths: tuple[int, ...], batch: int = 64, seed: int = 0):
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(widths) - 2:
-            layers.append(nn.Tanh())
-    model = nn.Sequential(*layers).double()
-    apply, params = hessfunc.from_module(model)
-    g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(batch, widths[0], generator=g, dtype=torch.float64)
-    y = torch.randn(batch, widths[-1], generator=g, dtype=torch.float64)
-
-    def f(p, x, y):
-        return ((apply(p, x) - y) ** 2).mean()
-
-    return f, params, (x, y)
+    w = workloads.small_mlp(widths=widths, batch=batch, seed=seed)
+    return w.f, w.params, w.args
 
 
 def loop_fd_hessian(f, params, *args) -> torch.Tensor:
@@ -83,23 +70,13 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--record", action="store_true", help="append a section to benchmarks/RESULTS.md"
     )
+    parser.add_argument("--note", default="", help="a line recorded with the results")
     opts = parser.parse_args()
     torch.set_grad_enabled(True)
     rows = []
@@ -131,21 +108,20 @@ def main() -> None:
             f"{row['loop_vs_vec']:.1e})"
         )
     if opts.record:
-        record(rows, opts.repeats)
+        record(rows, opts.repeats, opts.note)
 
 
-def record(rows: list[dict], repeats: int) -> None:
-    path = Path(__file__).with_name("RESULTS.md")
+def record(rows: list[dict], repeats: int, note: str) -> None:
     lines = [
-        f"\n## bench_fd.py: vectorised FD Hessian vs per-parameter loop ({datetime.date.today()})\n",
-        f"Machine: {cpu_model()}, {torch.get_num_threads()} torch threads "
-        f"({__import__('os').cpu_count()} cores visible), torch {torch.__version__}. "
-        "The 2-core CPU was shared with other jobs during the run, so absolute times are noisy; "
-        "the ratio is measured in the same run.\n",
+        f"Machine: {common.machine('cpu')}, {torch.get_num_threads()} torch threads. {note}",
+        "",
         "MSE loss, tanh MLP, batch 64, float64; both methods use the step "
         "u^(1/3) max(1, |theta_i|) and symmetrise; error = ||H_fd - H||_F / ||H||_F against "
-        f"hessfunc.hessian_matrix. Vectorised time: median of {repeats} after a warm-up; loop: one run.\n",
-        "| MLP | n | chunk_size | loop (s) | fd_hessian_matrix (s) | speed-up | error loop | error vmapped |",
+        f"hessfunc.hessian_matrix. Vectorised time: median of {repeats} after a warm-up; "
+        "loop: one run.",
+        "",
+        "| MLP | n | chunk_size | loop (s) | fd_hessian_matrix (s) | speed-up | error loop "
+        "| error vmapped |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -153,9 +129,7 @@ def record(rows: list[dict], repeats: int) -> None:
             f"| {r['model']} | {r['n']} | {r['chunk']} | {r['t_loop']:.2f} | {r['t_vec']:.3f} | "
             f"{r['speedup']:.1f}x | {r['err_loop']:.1e} | {r['err_vec']:.1e} |"
         )
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    path.write_text(text.rstrip("\n") + "\n" + "\n".join(lines) + "\n")
-    print(f"recorded in {path}")
+    common.record("bench_fd.py: vectorised FD Hessian vs per-parameter loop", "\n".join(lines))
 
 
 if __name__ == "__main__":
