@@ -150,7 +150,8 @@ def ravel(tree: PyTree) -> tuple[torch.Tensor, Callable[[torch.Tensor], PyTree]]
         if not isinstance(leaf, torch.Tensor):
             raise TypeError(
                 f"hessfunc.ravel(tree): every leaf must be a torch.Tensor; leaf {path} is "
-                f"{type(leaf).__name__}. Convert it with torch.as_tensor or move it out of the tree."
+                f"{type(leaf).__name__}. Convert it with torch.as_tensor or move it out of the "
+                "tree."
             )
     shapes = [leaf.shape for leaf in leaves]
     dtypes = [leaf.dtype for leaf in leaves]

@@ -212,7 +212,8 @@ def newton_cg_step(
     else:
         raise ValueError(
             f"{where}: curvature must be 'hessian' or a callable (params, v) -> C v, got "
-            f"{curvature!r}; for Gauss-Newton pass lambda p, v: hessfunc.ggn_vp(model_fn, loss, p, v, x)."
+            f"{curvature!r}; for Gauss-Newton pass "
+            "lambda p, v: hessfunc.ggn_vp(model_fn, loss, p, v, x)."
         )
     g, value = grad_and_value(_checks.scalar_fn(where, f))(params, *args)
     sol = cg(matvec, _tree.scale(-1.0, g), maxiter=maxiter, damping=damping, tol=tol)

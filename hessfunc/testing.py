@@ -182,7 +182,8 @@ def directions_like(
     """
     if kind not in ("normal", "rademacher"):
         raise ValueError(
-            f"hessfunc.testing.directions_like: kind must be 'normal' or 'rademacher', got {kind!r}."
+            "hessfunc.testing.directions_like: kind must be 'normal' or 'rademacher', "
+            f"got {kind!r}."
         )
     return _directions(params, batch, kind)
 
@@ -442,7 +443,8 @@ def models(
     unknown = set(kinds) - set(_BUILDERS)
     if not kinds or unknown:
         raise ValueError(
-            f"hessfunc.testing.models: kinds must be a non-empty subset of {sorted(_BUILDERS)}, got {kinds!r}."
+            "hessfunc.testing.models: kinds must be a non-empty subset of "
+            f"{sorted(_BUILDERS)}, got {kinds!r}."
         )
     return _models(tuple(kinds), dtype, losses() if loss is None else loss, max_batch)
 

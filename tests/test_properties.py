@@ -1,11 +1,11 @@
 """Identities of exact curvature as Hypothesis properties over generated models and pytrees."""
 
 import torch
+from conftest import assert_close, tol
 from hypothesis import given
 from hypothesis import strategies as st
 
 import hessfunc
-from conftest import assert_close, tol
 from hessfunc import _tree
 from hessfunc.testing import directions_like, models, tree_problems
 
