@@ -56,6 +56,9 @@ def products(f, model_fn, dtype):
             f, p, _tree.tree_map(lambda t: torch.stack([t, 2 * t]), v), x, y, chunk_size=1
         ),
         "ggn_vp": lambda p, v, x, y: hessfunc.ggn_vp(model_fn, CrossEntropyLoss(y), p, v, x),
+        "ggn_vps": lambda p, v, x, y: hessfunc.ggn_vps(
+            model_fn, CrossEntropyLoss(y), p, _tree.tree_map(lambda t: torch.stack([t, -t]), v), x
+        ),
         "fisher_vp_empirical": lambda p, v, x, y: hessfunc.fisher_vp(
             model_fn, CrossEntropyLoss(y), p, v, x
         ),
@@ -98,6 +101,7 @@ MLP_PRODUCTS = [
     "hvp_rev_rev",
     "hvps",
     "ggn_vp",
+    "ggn_vps",
     "fisher_vp_empirical",
     "fisher_vp_mc",
     "fd_hvp",
