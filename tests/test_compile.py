@@ -163,3 +163,17 @@ def test_hessian_matrix_compiles_without_a_budget_lookup():
         (MemoryError, torch._dynamo.exc.Unsupported), match="hessian_matrix.*max_bytes"
     ):
         over(params, x, y)
+
+
+def test_cg_with_tol_freezes_under_compile_and_matches_eager_early_stop():
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
+    A = Q @ torch.diag(torch.tensor([1.0, 1.0, 2.0, 2.0, 3.0, 3.0], dtype=torch.float64)) @ Q.T
+    b = torch.randn(6, generator=g, dtype=torch.float64)
+    solve = lambda A, b: hessfunc.cg(lambda v: A @ v, b, maxiter=20, tol=1e-10)  # noqa: E731
+    eager = solve(A, b)
+    compiled = torch.compile(solve, fullgraph=True)(A, b)
+    # three distinct eigenvalues: exact in 3 steps; eager stops there, compiled freezes there
+    assert int(eager.iterations) == int(compiled.iterations) == 3
+    torch.testing.assert_close(compiled.x, eager.x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(compiled.x, torch.linalg.solve(A, b), rtol=1e-9, atol=1e-9)
