@@ -160,3 +160,8 @@ def test_module_docstring_example_runs():
 
     # check_hvp inside the example raises AssertionError when an HVP disagrees with FD
     settings(max_examples=5, deadline=None, database=None)(scope["test_my_net_hvp"])()
+    # and the names the example sets up give a passing report on the example's model
+    x = torch.randn(2, 10, dtype=torch.float64)
+    f = lambda p, x: scope["apply"](p, x).pow(2).sum()  # noqa: E731
+    report = scope["check_hvp"](f, scope["params"], x, raise_on_fail=False)
+    assert report.ok, report.message
