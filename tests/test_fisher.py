@@ -168,36 +168,12 @@ def test_mc_generator_is_reproducible_and_global_rng_untouched():
     model_fn, loss, params, x = problem("mlp-tanh", "ce")
     v = _tree.random_like(params, torch.Generator().manual_seed(0))
     rng = torch.get_rng_state()
-    a = fisher_vp(
-        model_fn,
-        loss,
-        params,
-        v,
-        x,
-        kind="mc",
-        generator=torch.Generator().manual_seed(9),
-        mc_samples=3,
-    )
-    b = fisher_vp(
-        model_fn,
-        loss,
-        params,
-        v,
-        x,
-        kind="mc",
-        generator=torch.Generator().manual_seed(9),
-        mc_samples=3,
-    )
-    c = fisher_vp(
-        model_fn,
-        loss,
-        params,
-        v,
-        x,
-        kind="mc",
-        generator=torch.Generator().manual_seed(10),
-        mc_samples=3,
-    )
+
+    def mc(seed):
+        g = torch.Generator().manual_seed(seed)
+        return fisher_vp(model_fn, loss, params, v, x, kind="mc", generator=g, mc_samples=3)
+
+    a, b, c = mc(9), mc(9), mc(10)
     assert torch.equal(torch.get_rng_state(), rng)
     assert_close(a, b)
     assert not torch.allclose(_tree.ravel(a)[0], _tree.ravel(c)[0])
