@@ -122,9 +122,10 @@ def from_module(module: nn.Module) -> tuple[Callable[..., Any], dict[str, torch.
                 "differentiating (hessfunc never changes the module), or use "
                 "track_running_stats=False for BatchNorm on batch statistics."
             )
-        named = dict(module.named_parameters(remove_duplicate=True))
-        tensors = {n: named[n].detach() for n in frozen_names}
-        tensors.update(params)
+        tensors = dict(params)
+        if frozen_names:  # frozen parameters are read live from the module, like buffers
+            named = dict(module.named_parameters(remove_duplicate=True))
+            tensors.update({n: named[n].detach() for n in frozen_names})
         buffers = dict(module.named_buffers())
         return functional_call(
             module, (tensors, buffers), args, kwargs, tie_weights=True, strict=True
