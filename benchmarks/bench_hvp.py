@@ -49,6 +49,70 @@ from hessfunc.ggn import ggn_vp  # noqa: E402
 from hessfunc.losses import CrossEntropyLoss  # noqa: E402
 
 
+class Budget:
+    """Wall-clock budget for the optional parts of a run (``None``: unlimited)."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.start = time.perf_counter()
+
+    def spent(self) -> bool:
+        return self.seconds is not None and time.perf_counter() - self.start > self.seconds
+
+
+def parse_workloads(spec: str) -> list[tuple[str, int | None]]:
+    """``"mlp,cnn:1024"`` -> ``[("mlp", None), ("cnn", 1024)]`` (``None``: the default batch)."""
+    out = []
+    for item in filter(None, spec.split(",")):
+        name, _, batch = item.partition(":")
+        if name not in workloads.WORKLOADS:
+            raise SystemExit(
+                f"unknown workload {name!r}; choose from {sorted(workloads.WORKLOADS)}"
+            )
+        out.append((name, int(batch) if batch else None))
+    return out
+
+
+PROFILE_HEADER = [
+    "product",
+    "wall ms (profiled)",
+    "device busy ms",
+    "busy / wall",
+    "kernels per call",
+]
+
+
+def profile_products(label: str, fns: dict, device: str, calls: int = 5):
+    """Rows of kernel count and device time per call of each compiled product; top-op tables.
+
+    On CUDA the ratio of device-busy time to wall time says whether a product is bound by kernel
+    launches (low) or by the kernels themselves (near 1); the top kernels say which ops cost.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = str(device).startswith("cuda")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    rows, tops = [], []
+    for name, fn in fns.items():
+        fn()
+        common.sync(device)
+        t0 = time.perf_counter()
+        with profile(activities=acts) as prof:
+            for _ in range(calls):
+                fn()
+            common.sync(device)
+        wall = (time.perf_counter() - t0) / calls
+        ev = prof.key_averages()
+        dev = [e for e in ev if e.device_type == DeviceType.CUDA]
+        busy = sum(getattr(e, "self_device_time_total", 0.0) for e in dev) / calls / 1e3  # ms
+        n_kernels = sum(e.count for e in dev) / calls
+        rows.append([f"{label} / {name}", wall * 1e3, busy, busy / (wall * 1e3), n_kernels])
+        key = "self_device_time_total" if cuda else "self_cpu_time_total"
+        tops.append(f"## {label} / {name}\n\n```\n{ev.table(sort_by=key, row_limit=15)}\n```")
+    return rows, "\n\n".join(tops)
+
+
 def autograd_double_backward(f, params, v, args):
     leaves, spec = _tree.tree_flatten(params)
     leaves = [p.detach().requires_grad_(True) for p in leaves]
@@ -68,12 +132,13 @@ def max_rel_err(a, b) -> float:
     return ((fa - fb).abs().max() / fb.abs().max().clamp_min(1e-30)).item()
 
 
-def products(w, device, compile_: bool, repeat: int, modes=("fwd-rev", "rev-rev")):
+def products(w, device, compile_: bool, repeat: int, modes=("fwd-rev", "rev-rev"), budget=None):
     """Rows of the product table, notes, and the raw numbers the JAX comparison needs.
 
     ``stats`` holds seconds (``grad``, ``grad_c``, ``hvp_c``, ``ggn_c``: eager and compiled
     gradient, compiled fwd-rev HVP and GGN product) and peak bytes (``mem_*``, CUDA only).
     """
+    budget = budget or Budget(None)
     f, params, args = w.f, w.params, w.args
     v = _tree.random_like(params, torch.Generator().manual_seed(0))
     loss = CrossEntropyLoss(w.y)
@@ -119,20 +184,29 @@ def products(w, device, compile_: bool, repeat: int, modes=("fwd-rev", "rev-rev"
                 ratio(mem_cg, mem_grad),
             ]
         )
-        compiled = {
-            f"hvp {mode}": (
+
+        def hvp_pair(mode):
+            return (
                 torch.compile(
-                    lambda p, v, *a, mode=mode: hessfunc.hvp(f, p, v, *a, mode=mode), fullgraph=True
+                    lambda p, v, *a: hessfunc.hvp(f, p, v, *a, mode=mode), fullgraph=True
                 ),
-                lambda mode=mode: hessfunc.hvp(f, params, v, *args, mode=mode),
+                lambda: hessfunc.hvp(f, params, v, *args, mode=mode),
             )
-            for mode in modes
-        }
-        compiled["ggn_vp fwd-rev"] = (
+
+        # built lazily, in order of importance, so a time budget drops the least useful last
+        compiled = {f"hvp {modes[0]}": lambda: hvp_pair(modes[0])}
+        compiled["ggn_vp fwd-rev"] = lambda: (
             torch.compile(lambda p, v, *a: ggn_vp(w.model_fn, loss, p, v, w.x), fullgraph=True),
             lambda: ggn_vp(w.model_fn, loss, params, v, w.x),
         )
-        for name, (ch, ref) in compiled.items():
+        for mode in modes[1:]:
+            compiled[f"hvp {mode}"] = lambda mode=mode: hvp_pair(mode)
+        essential = 2
+        for i, (name, make) in enumerate(compiled.items()):
+            if i >= essential and budget.spent():
+                notes.append(f"{w.name} / compiled {name}: skipped, time budget spent")
+                continue
+            ch, ref = make()
             t0 = time.perf_counter()
             out = ch(params, v, *args)
             compile_s = time.perf_counter() - t0
@@ -156,6 +230,8 @@ def products(w, device, compile_: bool, repeat: int, modes=("fwd-rev", "rev-rev"
             key = "hvp_c" if name == "hvp fwd-rev" else "ggn_c" if name.startswith("ggn") else None
             if key:
                 stats.update({key: t, f"mem_{key}": mem})
+            stats.setdefault("compiled", {})[name] = lambda ch=ch: ch(params, v, *args)
+        stats["compiled"] = {"gradient": lambda: cg(params, *args), **stats.get("compiled", {})}
     return rows, notes, stats
 
 
@@ -280,7 +356,11 @@ def dense(device, repeat: int, batch: int, compile_: bool):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--workloads", default="mlp,cnn,transformer")
+    ap.add_argument(
+        "--workloads",
+        default="mlp,cnn,transformer",
+        help="comma-separated names, each optionally with a batch size, e.g. mlp:4096,cnn",
+    )
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--repeat", type=int, default=7)
@@ -301,11 +381,36 @@ def main() -> None:
         choices=["default", "high", "highest"],
         help="jax_default_matmul_precision (highest = full float32, as torch's default matmul)",
     )
+    ap.add_argument(
+        "--tf32",
+        action="store_true",
+        help="allow TF32 in torch matmuls and cuDNN convolutions (default: off on CUDA, so torch "
+        "computes in full float32 like JAX at precision 'highest')",
+    )
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="after this many seconds, start nothing optional: later workloads, extra hvp "
+        "modes, profiles and the dense Hessian are skipped (a started workload still gets its "
+        "gradient, fwd-rev hvp and ggn_vp)",
+    )
+    ap.add_argument(
+        "--profile",
+        default=None,
+        metavar="FILE",
+        help="profile the compiled products of each workload: kernel counts and device-busy time "
+        "go into the results, each product's top ops into FILE",
+    )
     ap.add_argument("--record", action="store_true", help="append the tables to RESULTS.md")
     ap.add_argument("--note", default="", help="a line recorded with the results (e.g. load)")
     a = ap.parse_args()
     start = time.perf_counter()
+    budget = Budget(a.budget_s)
     torch.manual_seed(0)
+    if str(a.device).startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = a.tf32
+        torch.backends.cudnn.allow_tf32 = a.tf32
     modes = tuple((a.hvp_modes or ("fwd-rev" if a.jax else "fwd-rev,rev-rev")).split(","))
     use_jax = a.jax
     if use_jax and bench_jax.jax is None:
@@ -321,28 +426,57 @@ def main() -> None:
             print(f"note: skipping JAX: {err}")
             use_jax = False
     header = ["workload", "product", "ms", "/ eager grad", "/ compiled grad", "peak mem / grad"]
-    rows, notes, jax_rows, jax_notes = [], [], [], []
-    for name in a.workloads.split(","):
-        if not name:
-            continue
-        w = workloads.WORKLOADS[name](device=a.device)
-        print(f"[{name}] {sum(t.numel() for t in w.params.values()):,} parameters", flush=True)
-        r, n, stats = products(w, a.device, not a.no_compile, a.repeat, modes)
-        rows += r
-        notes += n
-        print(common.table(header, r), flush=True)
-        if use_jax:
-            try:
-                jr, jn = jax_compare(w, a.device, stats, a.repeat)
-            except AssertionError:  # the JAX model is not torch's: stop, timing it is pointless
-                raise
-            except Exception as err:  # e.g. a CUDA library clash; keep the torch results
-                msg = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
-                print(f"[{name}] JAX failed: {msg}", flush=True)
-                jr = [name] + ["JAX failed"] + ["-"] * (len(JAX_HEADER) - 2)
-                jn = f"{name}: JAX failed: {msg}"
-            jax_rows.append(jr)
-            jax_notes.append(jn)
+    rows, notes, jax_rows, jax_notes, profiles = [], [], [], [], []
+    dense_parts = []
+    try:  # an interrupt (e.g. the run's time limit) still records what was measured
+        for i, (name, batch) in enumerate(parse_workloads(a.workloads)):
+            if i and budget.spent():
+                notes.append(f"{name} (batch {batch or 'default'}): skipped, time budget spent")
+                print(notes[-1], flush=True)
+                continue
+            kw = {} if batch is None else {"batch": batch}
+            w = workloads.WORKLOADS[name](device=a.device, **kw)
+            label = f"{name} (batch {w.x.shape[0]})"
+            n_params = sum(t.numel() for t in w.params.values())
+            print(
+                f"[{label}] {n_params:,} parameters, {time.perf_counter() - start:.0f} s in",
+                flush=True,
+            )
+            w = w._replace(name=label)
+            r, n, stats = products(w, a.device, not a.no_compile, a.repeat, modes, budget)
+            rows += r
+            notes += n
+            print(common.table(header, r), flush=True)
+            print("\n".join(n), flush=True)
+            if a.profile and stats.get("compiled") and not budget.spent():
+                prow, detail = profile_products(label, stats["compiled"], a.device)
+                profiles += prow
+                print(common.table(PROFILE_HEADER, prow), flush=True)
+                with open(a.profile, "a") as fh:
+                    fh.write(detail + "\n\n")
+            if use_jax:
+                try:
+                    jr, jn = jax_compare(w, a.device, stats, a.repeat)
+                except AssertionError:  # the JAX model is not torch's: stop, timing it is pointless
+                    raise
+                except Exception as err:  # e.g. a CUDA library clash; keep the torch results
+                    msg = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
+                    print(f"[{w.name}] JAX failed: {msg}", flush=True)
+                    jr = [w.name] + ["JAX failed"] + ["-"] * (len(JAX_HEADER) - 2)
+                    jn = f"{w.name}: JAX failed: {msg}"
+                jax_rows.append(jr)
+                jax_notes.append(jn)
+                print(common.table(JAX_HEADER, [jr]), "\n" + jn, flush=True)
+        if not a.no_dense:
+            for b in (8, 64):
+                if budget.spent():
+                    dense_parts.append(f"Dense Hessian at batch {b}: skipped, time budget spent.\n")
+                    continue
+                dense_parts.append(dense(a.device, a.repeat, b, not a.no_compile))
+                print(dense_parts[-1], flush=True)
+    except KeyboardInterrupt:
+        notes.append(f"interrupted after {time.perf_counter() - start:.0f} s; later parts not run")
+        print(notes[-1], flush=True)
     versions = "JAX not run"
     if use_jax:
         versions = f"{bench_jax.versions()}, JAX matmul precision {a.jax_precision!r}"
@@ -369,10 +503,16 @@ def main() -> None:
             + "\n".join(f"- {x}" for x in jax_notes)
             + "\n"
         )
-    if not a.no_dense:
-        d = "\n".join(dense(a.device, a.repeat, b, not a.no_compile) for b in (8, 64))
-        print(d)
-        body += "\n" + d
+    if profiles:
+        body += (
+            "\n### Profiles of the compiled products\n\n"
+            "Device busy = summed kernel time per call; busy / wall near 1 means the kernels "
+            "bound the time, far below 1 that launches and host overhead do.\n\n"
+            + common.table(PROFILE_HEADER, profiles)
+            + "\n"
+        )
+    if dense_parts:
+        body += "\n" + "\n".join(dense_parts)
     elapsed = time.perf_counter() - start
     body += f"\nWhole run: {elapsed:.0f} s.\n"
     print(f"whole run: {elapsed:.0f} s", flush=True)

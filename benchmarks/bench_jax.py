@@ -96,7 +96,8 @@ def to_jax(t: torch.Tensor, dev) -> Any:
 def convert(w: workloads.Workload, dev) -> JaxWorkload:
     params = {k: to_jax(v, dev) for k, v in w.params.items()}
     consts = {k: to_jax(v, dev) for k, v in w.module.named_buffers() if v.is_floating_point()}
-    return JaxWorkload(w.name, params, consts, to_jax(w.x, dev), to_jax(w.y, dev), FORWARDS[w.name])
+    arch = w.name.split()[0]  # names may carry a label, e.g. "mlp (batch 4096)"
+    return JaxWorkload(w.name, params, consts, to_jax(w.x, dev), to_jax(w.y, dev), FORWARDS[arch])
 
 
 def tree_to_jax(tree: dict[str, torch.Tensor], dev) -> dict[str, Any]:
