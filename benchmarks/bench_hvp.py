@@ -208,7 +208,13 @@ def products(w, device, compile_: bool, repeat: int, modes=("fwd-rev", "rev-rev"
                 continue
             ch, ref = make()
             t0 = time.perf_counter()
-            out = ch(params, v, *args)
+            try:
+                out = ch(params, v, *args)
+            except Exception as err:  # keep the rest of the run; the note says what broke
+                rows.append([w.name, f"{name} (compiled)", "fails", "-", "-", "-"])
+                msg = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+                notes.append(f"{w.name} / compiled {name}: {type(err).__name__}: {msg}")
+                continue
             compile_s = time.perf_counter() - t0
             err = max_rel_err(out, ref())
             t = common.timeit(lambda ch=ch: ch(params, v, *args), device, repeat=repeat)
@@ -472,7 +478,10 @@ def main() -> None:
                 if budget.spent():
                     dense_parts.append(f"Dense Hessian at batch {b}: skipped, time budget spent.\n")
                     continue
-                dense_parts.append(dense(a.device, a.repeat, b, not a.no_compile))
+                try:
+                    dense_parts.append(dense(a.device, a.repeat, b, not a.no_compile))
+                except Exception as err:  # keep the product tables of the run
+                    dense_parts.append(f"Dense Hessian at batch {b}: {type(err).__name__}: {err}\n")
                 print(dense_parts[-1], flush=True)
     except KeyboardInterrupt:
         notes.append(f"interrupted after {time.perf_counter() - start:.0f} s; later parts not run")

@@ -72,48 +72,60 @@ def check_like(where: str, params: Any, v: Any, name: str = "v", *, batched: boo
 
     With ``batched=True`` every leaf of ``v`` carries one extra leading axis of a common size,
     which is returned (``-1`` otherwise).
+
+    Under torch.compile the tree specs are not compared: on torch 2.11 dynamo models optree's
+    ``PyTreeSpec`` as a frozen dataclass whose equality does not hold between the specs of two
+    equal trees, so an exact comparison rejects every call. The leaf count, shapes, dtypes and
+    devices are still checked there, and the exact check runs in every eager call.
     """
-    spec_p, spec_v = _tree.tree_structure(params), _tree.tree_structure(v)
-    if spec_p != spec_v:
+    p_leaves, v_leaves = _tree.tree_leaves(params), _tree.tree_leaves(v)
+    if torch.compiler.is_compiling():
+        same = len(p_leaves) == len(v_leaves)
+    else:
+        same = _tree.tree_structure(params) == _tree.tree_structure(v)
+    if not same:
         raise ValueError(
-            f"{where}: {name} must have the pytree structure of params; got {spec_v} vs {spec_p}. "
+            f"{where}: {name} must have the pytree structure of params; got "
+            f"{_tree.tree_structure(v)} vs {_tree.tree_structure(params)}. "
             f"Build {name} with hessfunc's tree helpers or torch.func's tree_map over params."
         )
+
+    def path(i: int) -> str:  # only built for an error message
+        return _tree.tree_paths(params)[i]
+
     batch = -1
-    for path, p, t in zip(
-        _tree.tree_paths(params), _tree.tree_leaves(params), _tree.tree_leaves(v), strict=True
-    ):
+    for i, (p, t) in enumerate(zip(p_leaves, v_leaves, strict=True)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{where}: {name}{path} must be a tensor, got {type(t).__name__}.")
+            raise TypeError(f"{where}: {name}{path(i)} must be a tensor, got {type(t).__name__}.")
         shape = tuple(t.shape)
         if batched:
             if t.dim() != p.dim() + 1:
                 raise ValueError(
-                    f"{where}: {name}{path} must have a leading batch axis before params' shape "
-                    f"{tuple(p.shape)}; got {shape}."
+                    f"{where}: {name}{path(i)} must have a leading batch axis before params' "
+                    f"shape {tuple(p.shape)}; got {shape}."
                 )
             if batch == -1:
                 batch = shape[0]
             elif shape[0] != batch:
                 raise ValueError(
                     f"{where}: every leaf of {name} needs the same leading batch size; "
-                    f"{name}{path} has {shape[0]}, an earlier leaf {batch}."
+                    f"{name}{path(i)} has {shape[0]}, an earlier leaf {batch}."
                 )
             shape = shape[1:]
         if shape != tuple(p.shape):
             raise ValueError(
-                f"{where}: {name}{path} has shape {tuple(t.shape)} but params{path} has "
+                f"{where}: {name}{path(i)} has shape {tuple(t.shape)} but params{path(i)} has "
                 f"{tuple(p.shape)}{' (after the batch axis)' if batched else ''}."
             )
         if t.dtype != p.dtype:
             raise TypeError(
-                f"{where}: {name}{path} has dtype {t.dtype} but params{path} has {p.dtype}; "
-                f"cast {name} with .to(params' dtype)."
+                f"{where}: {name}{path(i)} has dtype {t.dtype} but params{path(i)} has "
+                f"{p.dtype}; cast {name} with .to(params' dtype)."
             )
         if t.device != p.device:
             raise ValueError(
-                f"{where}: {name}{path} is on {t.device} but params{path} is on {p.device}; "
-                f"move {name} with .to(device)."
+                f"{where}: {name}{path(i)} is on {t.device} but params{path(i)} is on "
+                f"{p.device}; move {name} with .to(device)."
             )
     return batch
 
