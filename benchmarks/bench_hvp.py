@@ -107,7 +107,17 @@ def profile_products(label: str, fns: dict, device: str, calls: int = 5):
         dev = [e for e in ev if e.device_type == DeviceType.CUDA]
         busy = sum(getattr(e, "self_device_time_total", 0.0) for e in dev) / calls / 1e3  # ms
         n_kernels = sum(e.count for e in dev) / calls
-        rows.append([f"{label} / {name}", wall * 1e3, busy, busy / (wall * 1e3), n_kernels])
+        if not cuda:  # the CPU profile has no device events; only the wall time means anything
+            busy = n_kernels = "n/a"
+        rows.append(
+            [
+                f"{label} / {name}",
+                wall * 1e3,
+                busy,
+                busy / (wall * 1e3) if cuda else "n/a",
+                n_kernels,
+            ]
+        )
         key = "self_device_time_total" if cuda else "self_cpu_time_total"
         tops.append(f"## {label} / {name}\n\n```\n{ev.table(sort_by=key, row_limit=15)}\n```")
     return rows, "\n\n".join(tops)
