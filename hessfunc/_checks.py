@@ -73,10 +73,11 @@ def check_like(where: str, params: Any, v: Any, name: str = "v", *, batched: boo
     With ``batched=True`` every leaf of ``v`` carries one extra leading axis of a common size,
     which is returned (``-1`` otherwise).
 
-    Under torch.compile the tree specs are not compared: on torch 2.11 dynamo models optree's
-    ``PyTreeSpec`` as a frozen dataclass whose equality does not hold between the specs of two
-    equal trees, so an exact comparison rejects every call. The leaf count, shapes, dtypes and
-    devices are still checked there, and the exact check runs in every eager call.
+    Under torch.compile the tree specs are not compared: before pytorch#190649 (torch 2.11, for
+    one) dynamo's stand-in for optree's ``PyTreeSpec`` is a dataclass whose generated ``==``
+    compares every field exactly and is false for the specs of two equal trees, so an exact
+    comparison rejected every compiled call. The leaf count, shapes, dtypes and devices are
+    still checked there, and the exact check runs in every eager call.
     """
     p_leaves, v_leaves = _tree.tree_leaves(params), _tree.tree_leaves(v)
     if torch.compiler.is_compiling():

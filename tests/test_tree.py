@@ -1,5 +1,6 @@
 from typing import NamedTuple
 
+import optree
 import pytest
 import torch
 from hypothesis import given
@@ -94,7 +95,17 @@ def test_roundtrip_property(tree):
     assert torch.allclose(_tree.vdot(tree, tree), flat @ flat)
 
 
+def _version(text: str) -> tuple[int, int]:
+    return tuple(int(x) for x in text.split(".")[:2])
+
+
 @pytest.mark.compile
+@pytest.mark.xfail(
+    _version(torch.__version__) < (2, 13) and _version(optree.__version__) >= (0, 20),
+    reason="optree 0.20 compares sys.version_info with a tuple when it looks up a list or tuple "
+    "node, which torch 2.11's dynamo cannot trace; use optree < 0.20 with torch < 2.13",
+    strict=True,
+)
 def test_ravel_order_is_the_same_under_compile_and_unravel_crosses_the_boundary():
     tree = {"b": torch.ones(2), "a": (torch.zeros(3), torch.full((), 5.0))}
     compiled = torch.compile(lambda t: hessfunc.ravel(t)[0] * 2, fullgraph=True)
