@@ -49,6 +49,17 @@ from hessfunc.ggn import ggn_vp  # noqa: E402
 from hessfunc.losses import CrossEntropyLoss  # noqa: E402
 
 
+class _Rows(list):
+    """Table rows that are also printed as they arrive, so a run cut short still shows them."""
+
+    def append(self, row) -> None:
+        super().append(row)
+        print(
+            "  " + " | ".join(f"{x:.3g}" if isinstance(x, float) else str(x) for x in row),
+            flush=True,
+        )
+
+
 class Budget:
     """Wall-clock budget for the optional parts of a run (``None``: unlimited)."""
 
@@ -152,7 +163,7 @@ def products(w, device, compile_: bool, repeat: int, modes=("fwd-rev", "rev-rev"
     f, params, args = w.f, w.params, w.args
     v = _tree.random_like(params, torch.Generator().manual_seed(0))
     loss = CrossEntropyLoss(w.y)
-    rows, notes = [], []
+    rows, notes = _Rows(), []
     t_grad = common.timeit(lambda: grad(f)(params, *args), device, repeat=repeat)
     eager = {
         "hvp fwd-rev": lambda: hessfunc.hvp(f, params, v, *args),

@@ -6,7 +6,11 @@
 # Environment: LIMIT_S (default 480) kills the benchmark after that many seconds so the copies
 # still happen; BUDGET_S (default 280) is when the benchmark stops starting optional work;
 # WORKLOADS overrides the GPU-sized default shapes. Extra arguments go to bench_hvp.py.
-# If optree is missing and wheels sit in .whl/, they are installed into /tmp/site first.
+# If optree is missing and wheels sit in .whl/, they are installed into /tmp/site first. For a
+# machine without internet, fetch one for its Python (3.12 here) beforehand; with torch 2.11 take
+# optree < 0.20 (see the README's "Supported versions"):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux_2_28_x86_64 -d .whl optree==0.19.0
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here/.."
