@@ -26,6 +26,11 @@ TOL = {
 }
 
 
+def version(text: str) -> tuple[int, int]:
+    """``"2.11.0+cu130"`` -> ``(2, 11)``, for tests that mark upstream problems of one release."""
+    return tuple(int(x) for x in text.split(".")[:2])
+
+
 def tol(kind: str, dtype: torch.dtype) -> dict:
     return TOL[(kind, dtype)]
 

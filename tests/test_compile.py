@@ -12,7 +12,7 @@ import functools
 import pytest
 import torch
 import zoo
-from conftest import assert_close
+from conftest import assert_close, version
 
 import hessfunc
 from hessfunc import _tree
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.compile
 
 # torch 2.11 fails to trace a second-order product through nn.Embedding once another function
 # has been compiled in the process (test_embedding_after_another_compiled_function); 2.13 does not.
-OLD_TORCH = tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 13)
+OLD_TORCH = version(torch.__version__) < (2, 13)
 
 
 @pytest.fixture(autouse=True, scope="module")

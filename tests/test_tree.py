@@ -3,6 +3,7 @@ from typing import NamedTuple
 import optree
 import pytest
 import torch
+from conftest import version
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -95,13 +96,9 @@ def test_roundtrip_property(tree):
     assert torch.allclose(_tree.vdot(tree, tree), flat @ flat)
 
 
-def _version(text: str) -> tuple[int, int]:
-    return tuple(int(x) for x in text.split(".")[:2])
-
-
 @pytest.mark.compile
 @pytest.mark.xfail(
-    _version(torch.__version__) < (2, 13) and _version(optree.__version__) >= (0, 20),
+    version(torch.__version__) < (2, 13) and version(optree.__version__) >= (0, 20),
     reason="optree 0.20 compares sys.version_info with a tuple when it looks up a list or tuple "
     "node, which torch 2.11's dynamo cannot trace; use optree < 0.20 with torch < 2.13",
     strict=True,
