@@ -52,6 +52,24 @@ settings.register_profile(
 settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--full",
+        action="store_true",
+        help="also run the tests marked 'full' (the whole compile zoo and the op/module sweeps)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``full`` run with ``pytest --full`` (or ``HESSFUNC_FULL=1``) only."""
+    if config.getoption("--full") or os.environ.get("HESSFUNC_FULL"):
+        return
+    skip = pytest.mark.skip(reason="part of the full zoo/sweep: run with pytest --full")
+    for item in items:
+        if "full" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
