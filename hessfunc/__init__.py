@@ -6,6 +6,7 @@ from .check import CheckReport as CheckReport
 from .check import check_grad as check_grad
 from .check import check_hessian as check_hessian
 from .check import check_hvp as check_hvp
+from .check_compiled import check_compiled as check_compiled
 from .fd import fd_grad as fd_grad
 from .fd import fd_hessian_matrix as fd_hessian_matrix
 from .fd import fd_hvp as fd_hvp
@@ -32,6 +33,7 @@ __all__ = [
     "CheckReport",
     "NewtonCGResult",
     "cg",
+    "check_compiled",
     "check_grad",
     "check_hessian",
     "check_hvp",

@@ -7,15 +7,12 @@ allocation.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, get_args
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import _tree
-from ._decomp import CompositeNorms
 from ._types import Mode
 
 MODES: tuple[str, ...] = get_args(Mode)
@@ -156,72 +153,3 @@ def scalar_fn(where: str, f: Callable[..., Any]) -> Callable[..., torch.Tensor]:
         return out
 
     return wrapped
-
-
-@contextlib.contextmanager
-def second_order_kernels() -> Iterator[CompositeNorms]:
-    """Run ``f`` with kernels that have second derivatives.
-
-    The fused scaled-dot-product-attention kernels (flash, memory-efficient, and the CPU flash
-    kernel ``_scaled_dot_product_flash_attention_for_cpu``) have neither forward-mode AD nor a
-    differentiable backward (pytorch#117629, pytorch#128971), so any Hessian product through
-    ``F.scaled_dot_product_attention`` or ``nn.MultiheadAttention`` fails with them. The math
-    kernel is composed of differentiable ops; we select it for every second-order evaluation.
-    It costs O(L^2) memory in the sequence length, like the attention weights themselves.
-
-    Normalisation layers are routed to composite forms at the same time (``_decomp``), because
-    torch.func's second derivatives through their fused kernels are wrong.
-
-    The fused inference fast paths of ``nn.MultiheadAttention`` and
-    ``nn.TransformerEncoderLayer`` are switched off as well: under ``torch.compile`` the tensors
-    inside torch.func transforms do not report ``requires_grad``, so an eval-mode layer takes
-    ``torch._transformer_encoder_layer_fwd``, which has no derivatives (forward AD raises, and in
-    larger graphs the Hessian came out silently wrong on torch 2.13).
-    """
-    # The flag is a plain module global; dynamo refuses to trace set_fastpath_enabled but does
-    # trace an attribute store on the module.
-    mha = torch.backends.mha
-    fastpath = mha._is_fastpath_enabled
-    mha._is_fastpath_enabled = False
-    norms = CompositeNorms()
-    try:
-        with sdpa_kernel(SDPBackend.MATH), norms:
-            yield norms
-    finally:
-        mha._is_fastpath_enabled = fastpath
-
-
-def traced_mode(mode: str, probe: Callable[[], Any]) -> str:
-    """The AD mode to use, given that we may be inside ``torch.compile``.
-
-    Inductor (torch 2.13, CPU) miscompiles forward-over-reverse products through normalisation
-    layers followed by products of their outputs (LayerNorm, RMSNorm, or the same formula written
-    by hand, before attention): the compiled HVP of a transformer block was off by more than
-    50% while the eager one, and the compiled reverse-over-reverse one, were right
-    (pytorch#190855 and pytorch#136662 are other silent inductor errors in second derivatives).
-    So while tracing, ``probe`` (one evaluation of ``f``) tells whether ``f`` calls a
-    normalisation layer; if it does, ``"fwd-rev"`` is traced as ``"rev-rev"``, which gives the
-    same product. The probe's result is unused, so the compiled graph drops it: it costs trace
-    time only. Eager code keeps the requested mode.
-    """
-    if mode != "fwd-rev" or not torch.compiler.is_compiling():
-        return mode
-    with second_order_kernels() as norms:
-        probe()
-    return "rev-rev" if norms.seen else mode
-
-
-_FWD_AD_MARKERS = ("forward AD", "forward mode AD", "jvp function")
-
-
-def forward_ad_hint(where: str, err: BaseException) -> NotImplementedError | None:
-    """A hessfunc error for an op inside ``f`` that lacks forward-mode AD, else ``None``."""
-    msg = str(err)
-    if not any(m in msg for m in _FWD_AD_MARKERS):
-        return None
-    first = msg.strip().splitlines()[0] if msg.strip() else type(err).__name__
-    return NotImplementedError(
-        f"{where}: an operation inside f has no forward-mode AD, which mode='fwd-rev' needs "
-        f"({first}). Pass mode='rev-rev' (reverse-over-reverse: same result, no forward mode), "
-        "or replace the op (for a custom autograd.Function, implement its jvp staticmethod)."
-    )

@@ -120,36 +120,13 @@ _COMPOSITE: dict[Callable, Callable] = {
 }
 
 
-# Every normalisation entry point, composite or not: ``seen`` records whether ``f`` uses one.
-_NORMS = frozenset([*_COMPOSITE, F.rms_norm])
-
-
-def _running_stats_batch_norm(func: Callable, args: tuple, kwargs: dict) -> bool:
-    """An eval-mode ``F.batch_norm``: a fixed affine map, not a normalisation by data statistics."""
-    if func is not F.batch_norm:
-        return False
-    training = kwargs.get("training", args[5] if len(args) > 5 else False)
-    return not training
-
-
 class CompositeNorms(TorchFunctionMode):
-    """Route normalisation layers to their composite forms (see the module docstring).
-
-    ``seen`` becomes True once a layer that normalises by statistics of its input (layer, group,
-    instance, RMS or batch-statistics batch norm) has been called under the mode; eval-mode batch
-    norm is an affine map with fixed statistics and does not count.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen = False
+    """Route normalisation layers to their composite forms (see the module docstring)."""
 
     def __torch_function__(
         self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None
     ) -> Any:
         kwargs = kwargs or {}
-        if func in _NORMS and not _running_stats_batch_norm(func, args, kwargs):
-            self.seen = True
         composite = _COMPOSITE.get(func)
         if composite is not None:
             return composite(*args, **kwargs)

@@ -67,8 +67,10 @@ class CheckReport(NamedTuple):
         errors: check name -> largest relative error over directions (see the module docstring);
             ``inf`` for a check whose autodiff call raised.
         step: the explicit ``step``, or the base step :math:`h_0` of the default rule (scaled per
-            direction as described in :mod:`hessfunc.fd`).
-        directions: the unit directions used, a pytree like ``params`` with a leading axis.
+            direction as described in :mod:`hessfunc.fd`); ``None`` for
+            :func:`hessfunc.check_compiled`, which uses no finite differences.
+        directions: the unit directions used, a pytree like ``params`` with a leading axis
+            (``None`` for :func:`hessfunc.check_compiled`).
         rtol: the relative tolerance applied.
         atol: the absolute tolerance applied.
         message: the diagnosis (empty when ``ok``).
@@ -77,8 +79,8 @@ class CheckReport(NamedTuple):
 
     ok: bool
     errors: dict[str, float]
-    step: float
-    directions: PyTree
+    step: float | None
+    directions: PyTree | None
     rtol: float
     atol: float
     message: str

@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from torch.func import vmap
 
-from . import _checks, _memory, _tree
+from . import _checks, _context, _memory, _tree
 from ._types import PyTree
 from .hessian import _flat_objective
 from .hvp import _grad_fn
@@ -240,12 +240,12 @@ def fd_grad(
     if directions is not None:
         _checks.check_like(where, params, directions, "directions", batched=True)
         fn = _checks.scalar_fn(where, lambda p: f(p, *args))
-        with _checks.second_order_kernels():
+        with _context.second_order_kernels():
             one = lambda t: _directional(fn, params, t, step, order)  # noqa: E731
             return vmap(one, chunk_size=chunk_size)(directions)
     flat, flat_f = _flat_objective(where, f, params, lambda p: f(p, *args))
     _, unravel = _tree.ravel(params)
-    with _checks.second_order_kernels():
+    with _context.second_order_kernels():
         one = lambda i: _directional(flat_f, flat, _one_hot(i, flat), step, order)  # noqa: E731
         idx = torch.arange(flat.numel(), device=flat.device)
         return unravel(vmap(one, chunk_size=chunk_size)(idx))
@@ -301,7 +301,7 @@ def fd_hvp(
     _checks.check_params(where, params)
     _checks.check_like(where, params, v)
     grad_fn = _grad_fn(where, f, args)
-    with _checks.second_order_kernels():
+    with _context.second_order_kernels():
         return _directional(grad_fn, params, v, step, order)
 
 
@@ -350,7 +350,7 @@ def fd_hvps(
     _checks.check_params(where, params)
     _checks.check_like(where, params, vs, "vs", batched=True)
     grad_fn = _grad_fn(where, f, args)
-    with _checks.second_order_kernels():
+    with _context.second_order_kernels():
         one = lambda t: _directional(grad_fn, params, t, step, order)  # noqa: E731
         return vmap(one, chunk_size=chunk_size)(vs)
 
@@ -412,7 +412,7 @@ def fd_hessian_matrix(
     n = flat.numel()
     _memory.guard(where, n, flat.dtype, flat.device, chunk_size, max_bytes)
     grad_flat = _grad_fn(where, lambda z: flat_f(z), ())
-    with _checks.second_order_kernels():
+    with _context.second_order_kernels():
         one = lambda i: _directional(grad_flat, flat, _one_hot(i, flat), step, order)  # noqa: E731
         columns = vmap(one, chunk_size=chunk_size)(torch.arange(n, device=flat.device))
     return (columns + columns.T) / 2

@@ -33,10 +33,9 @@ from typing import Any, Literal
 import torch
 from torch.func import grad, vmap
 
-from . import _checks, _tree
+from . import _checks, _context, _tree
 from ._types import Mode, PyTree
 from .ggn import _check_model_fn, _linearise
-from .hvp import _with_fwd_hint
 from .losses import Loss
 
 __all__ = ["fisher_vp", "per_sample_grads"]
@@ -163,8 +162,8 @@ def fisher_vp(
         summed = _tree.tree_map(lambda x: x.sum(0), vmap(_tree.row_scale)(weights, rows))
         return pullback(_tree.scale(c / mc_samples, summed))
 
-    with _checks.second_order_kernels():
-        return _with_fwd_hint(where, product)
+    with _context.second_order_kernels():
+        return _context.with_fwd_hint(where, product)
 
 
 def per_sample_grads(

@@ -26,10 +26,9 @@ from typing import Any
 import torch
 from torch.func import jacrev, jvp, vjp, vmap
 
-from . import _checks, _memory, _tree
+from . import _checks, _context, _memory, _tree
 from ._types import Mode, PyTree
 from .hessian import rows_over_basis
-from .hvp import _with_fwd_hint
 from .losses import Loss
 
 __all__ = ["ggn_matrix", "ggn_vp", "ggn_vps"]
@@ -154,8 +153,8 @@ def ggn_vp(
     _checks.check_params(where, params)
     _checks.check_like(where, params, v)
     product = _ggn_product(where, model_fn, loss_fn, mode, args)
-    with _checks.second_order_kernels():
-        return _with_fwd_hint(where, lambda: product(params, v))
+    with _context.second_order_kernels():
+        return _context.with_fwd_hint(where, lambda: product(params, v))
 
 
 def ggn_vps(
@@ -204,9 +203,9 @@ def ggn_vps(
     _checks.check_params(where, params)
     _checks.check_like(where, params, vs, "vs", batched=True)
     product = _ggn_product(where, model_fn, loss_fn, mode, args)
-    with _checks.second_order_kernels():
+    with _context.second_order_kernels():
         batched = vmap(lambda t: product(params, t), chunk_size=chunk_size)
-        return _with_fwd_hint(where, lambda: batched(vs))
+        return _context.with_fwd_hint(where, lambda: batched(vs))
 
 
 def ggn_matrix(
@@ -261,5 +260,5 @@ def ggn_matrix(
     n = flat.numel()
     _memory.guard(where, n, flat.dtype, flat.device, chunk_size, max_bytes)
     product = _ggn_product(where, lambda z, *a: model_fn(unravel(z), *a), loss_fn, mode, args)
-    with _checks.second_order_kernels():
+    with _context.second_order_kernels():
         return rows_over_basis(where, vmap(lambda t: product(flat, t)), flat, chunk_size)

@@ -8,9 +8,8 @@ from typing import Any
 import torch
 from torch.func import jacrev, jvp, vjp, vmap
 
-from . import _checks, _memory, _tree
+from . import _checks, _context, _memory, _tree
 from ._types import Mode, PyTree
-from .hvp import _with_fwd_hint
 
 __all__ = ["hessian", "hessian_matrix"]
 
@@ -34,8 +33,8 @@ def _dense(
     n = flat.numel()
     _memory.guard(where, n, flat.dtype, flat.device, chunk_size, max_bytes)
     grad_flat = jacrev(flat_f)
-    mode = _checks.traced_mode(mode, lambda: flat_f(flat))
-    with _checks.second_order_kernels():
+    mode = _context.traced_mode(mode)
+    with _context.second_order_kernels():
         if mode == "fwd-rev":
 
             def product(t: torch.Tensor) -> torch.Tensor:
@@ -64,12 +63,12 @@ def rows_over_basis(
     """
     n = flat.numel()
     if chunk_size is None or chunk_size >= n:
-        return _with_fwd_hint(where, lambda: batched(_basis(0, n, n, flat)))
+        return _context.with_fwd_hint(where, lambda: batched(_basis(0, n, n, flat)))
     out = torch.empty(n, n, dtype=flat.dtype, device=flat.device)
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
         basis = _basis(start, stop, n, flat)
-        out[start:stop] = _with_fwd_hint(where, lambda b=basis: batched(b))
+        out[start:stop] = _context.with_fwd_hint(where, lambda b=basis: batched(b))
     return out
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.func import jacrev, jvp, vjp, vmap
 
-from . import _checks
+from . import _checks, _context
 from ._types import Mode, PyTree
 
 __all__ = ["hvp", "hvps"]
@@ -23,16 +23,6 @@ def _grad_fn(where: str, f: Callable[..., torch.Tensor], args: tuple[Any, ...]) 
     """
     g = jacrev(_checks.scalar_fn(where, f), argnums=0)
     return lambda p: g(p, *args)
-
-
-def _with_fwd_hint(where: str, thunk: Callable[[], PyTree]) -> PyTree:
-    try:
-        return thunk()
-    except (NotImplementedError, RuntimeError) as err:
-        hint = _checks.forward_ad_hint(where, err)
-        if hint is None:
-            raise
-        raise hint from err
 
 
 def hvp(
@@ -82,10 +72,10 @@ def hvp(
     _checks.check_params(where, params)
     _checks.check_like(where, params, v)
     grad_fn = _grad_fn(where, f, args)
-    mode = _checks.traced_mode(mode, lambda: f(params, *args))
-    with _checks.second_order_kernels():
+    mode = _context.traced_mode(mode)
+    with _context.second_order_kernels():
         if mode == "fwd-rev":
-            return _with_fwd_hint(where, lambda: jvp(grad_fn, (params,), (v,))[1])
+            return _context.with_fwd_hint(where, lambda: jvp(grad_fn, (params,), (v,))[1])
         return vjp(grad_fn, params)[1](v)[0]
 
 
@@ -131,10 +121,10 @@ def hvps(
     _checks.check_params(where, params)
     _checks.check_like(where, params, vs, "vs", batched=True)
     grad_fn = _grad_fn(where, f, args)
-    mode = _checks.traced_mode(mode, lambda: f(params, *args))
-    with _checks.second_order_kernels():
+    mode = _context.traced_mode(mode)
+    with _context.second_order_kernels():
         if mode == "fwd-rev":
             one = lambda t: jvp(grad_fn, (params,), (t,))[1]  # noqa: E731
-            return _with_fwd_hint(where, lambda: vmap(one, chunk_size=chunk_size)(vs))
+            return _context.with_fwd_hint(where, lambda: vmap(one, chunk_size=chunk_size)(vs))
         pullback = vjp(grad_fn, params)[1]
         return vmap(lambda t: pullback(t)[0], chunk_size=chunk_size)(vs)

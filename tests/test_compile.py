@@ -148,33 +148,42 @@ def test_mlp_float32_hvp():
 
 @pytest.mark.parametrize("name", ["hvp", "ggn_vp", "fisher_vp_empirical", "fd_hvp"])
 def test_transformer_block_float32(name):
-    # the transformer's LayerNorms make hvp trace its reverse-over-reverse path (see
-    # hessfunc._checks.traced_mode): compiled forward-over-reverse is miscompiled here
+    # hvp is traced reverse-over-reverse under compile (hessfunc._context.traced_mode)
     check_contract("transformer", torch.float32, name)
 
 
 def test_changing_batch_size():
-    """Forward mode under compile specialises on the batch size; rev-rev with dynamic=True does not."""
+    """Code with forward-mode AD specialises on the batch size under compile; reverse-only code
+    with dynamic=True does not. Hessian products are traced reverse-over-reverse under compile
+    whatever their mode (hessfunc._context.traced_mode), so they are shape-polymorphic; the GGN's
+    forward mode (J v) is traced as asked."""
     # batch sizes unequal to every layer width, so dynamo's duck sizing cannot tie them
     f, model_fn, params, v, x, y = problem("mlp-tanh", torch.float64, 0, n=5)
     _, _, _, _, x6, y6 = problem("mlp-tanh", torch.float64, 1, n=7)
     _, _, _, _, x8, y8 = problem("mlp-tanh", torch.float64, 2, n=9)
-    fwd = torch.compile(
-        lambda p, v, x, y: hessfunc.hvp(f, p, v, x, y), fullgraph=True, dynamic=True
-    )
+
+    def ggn(mode):
+        return lambda p, v, x, y: hessfunc.ggn_vp(model_fn, CrossEntropyLoss(y), p, v, x, mode=mode)
+
+    fwd = torch.compile(ggn("fwd-rev"), fullgraph=True, dynamic=True)
     fwd(params, v, x, y)
     with (
         pytest.raises(Exception, match="(?i)recompil"),
         torch.compiler.set_stance("fail_on_recompile"),
     ):
         fwd(params, v, x6, y6)
-    rev = torch.compile(
-        lambda p, v, x, y: hessfunc.hvp(f, p, v, x, y, mode="rev-rev"), fullgraph=True, dynamic=True
-    )
-    rev(params, v, x, y)
-    with torch.compiler.set_stance("fail_on_recompile"):
-        for xb, yb in ((x6, y6), (x8, y8)):
-            assert_close(rev(params, v, xb, yb), hessfunc.hvp(f, params, v, xb, yb))
+    for fn, eager in (
+        (
+            lambda p, v, x, y: hessfunc.hvp(f, p, v, x, y),
+            lambda x, y: hessfunc.hvp(f, params, v, x, y),
+        ),
+        (ggn("rev-rev"), lambda x, y: ggn("fwd-rev")(params, v, x, y)),
+    ):
+        compiled_fn = torch.compile(fn, fullgraph=True, dynamic=True)
+        compiled_fn(params, v, x, y)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            for xb, yb in ((x6, y6), (x8, y8)):
+                assert_close(compiled_fn(params, v, xb, yb), eager(xb, yb))
 
 
 def test_hessian_matrix_compiles_without_a_budget_lookup():

@@ -1,0 +1,289 @@
+"""The compile-correctness zoo: every public product, in every mode, compiled with the default
+inductor backend and ``fullgraph=True``, against float64 eager, on the architectures of
+``compile_zoo.py``, with one and with two intra-op threads.
+
+Inductor's code depends on the dtype, the shapes and the thread count, and ``aot_eager`` runs
+none of that code, so only inductor against an independent float64 reference can see its
+miscompiles. A fast subset (the architectures where miscompiles were found) runs by default; the
+whole zoo runs with ``pytest tests/test_compile_zoo.py --full`` (hours on a 2-core CPU; part of
+the release checklist in the README).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+
+import compile_zoo
+import pytest
+import torch
+from compile_zoo import ARCHS
+
+import hessfunc
+from hessfunc import _tree
+from hessfunc.losses import CrossEntropyLoss
+
+pytestmark = pytest.mark.compile
+
+# Norm-wise relative error allowed between a compiled product and the float64 eager one.
+# float32 products are exact up to float32 rounding (~1e-6 relative observed); finite
+# differences in float32 carry their own truncation and rounding error (~1e-3), so they are
+# compared with the same stencil evaluated eagerly in float32 instead.
+RTOL = {
+    ("exact", torch.float32): 1e-4,
+    ("exact", torch.float64): 1e-9,
+    ("fd", torch.float32): 1e-3,
+    ("fd", torch.float64): 1e-7,
+}
+MODES = ("fwd-rev", "rev-rev")
+
+
+def _stack(*trees):
+    return _tree.tree_map(lambda *xs: torch.stack(xs), *trees)
+
+
+def products(apply, per_sample: bool, float_inputs: bool, dtype) -> dict:
+    """name -> (fn(params, v, w, x, y) -> pytree, comparison kind), the same closures eager and
+    compiled; ``v`` and ``w`` are two directions like ``params``."""
+
+    def loss(p, x, y):
+        return torch.nn.functional.cross_entropy(apply(p, x), y)
+
+    def model(p, x):
+        return apply(p, x)
+
+    out = {}
+    for m in MODES:
+        out[f"hvp[{m}]"] = (
+            lambda p, v, w, x, y, m=m: hessfunc.hvp(loss, p, v, x, y, mode=m),
+            "exact",
+        )
+        out[f"hvps[{m}]"] = (
+            lambda p, v, w, x, y, m=m: hessfunc.hvps(loss, p, _stack(v, w), x, y, mode=m),
+            "exact",
+        )
+        out[f"hessian_matrix[{m}]"] = (
+            lambda p, v, w, x, y, m=m: hessfunc.hessian_matrix(loss, p, x, y, mode=m),
+            "exact",
+        )
+        if float_inputs:  # the Hessian with respect to the inputs, as a block pytree
+            out[f"hessian_inputs[{m}]"] = (
+                lambda p, v, w, x, y, m=m: hessfunc.hessian(
+                    lambda x, p, y: loss(p, x, y), argnums=0, mode=m
+                )(x, p, y),
+                "exact",
+            )
+        out[f"ggn_vp[{m}]"] = (
+            lambda p, v, w, x, y, m=m: hessfunc.ggn_vp(model, CrossEntropyLoss(y), p, v, x, mode=m),
+            "exact",
+        )
+        out[f"ggn_vps[{m}]"] = (
+            lambda p, v, w, x, y, m=m: hessfunc.ggn_vps(
+                model, CrossEntropyLoss(y), p, _stack(v, w), x, mode=m
+            ),
+            "exact",
+        )
+        out[f"ggn_matrix[{m}]"] = (
+            lambda p, v, w, x, y, m=m: hessfunc.ggn_matrix(
+                model, CrossEntropyLoss(y), p, x, mode=m
+            ),
+            "exact",
+        )
+        if per_sample:
+            out[f"fisher_vp_empirical[{m}]"] = (
+                lambda p, v, w, x, y, m=m: hessfunc.fisher_vp(
+                    model, CrossEntropyLoss(y), p, v, x, mode=m
+                ),
+                "exact",
+            )
+            out[f"fisher_vp_mc[{m}]"] = (
+                lambda p, v, w, x, y, m=m: hessfunc.fisher_vp(
+                    model,
+                    CrossEntropyLoss(y),
+                    p,
+                    v,
+                    x,
+                    kind="mc",
+                    noise=_noise(y, x, p),
+                    mc_samples=2,
+                    mode=m,
+                ),
+                "exact",
+            )
+        out[f"newton_cg_step[{m}]"] = (
+            lambda p, v, w, x, y, m=m: (
+                hessfunc.newton_cg_step(loss, p, x, y, damping=1.0, maxiter=3, mode=m).params
+            ),
+            "exact",
+        )
+    if per_sample and float_inputs:
+        out["per_sample_grads"] = (
+            lambda p, v, w, x, y: hessfunc.per_sample_grads(loss, p, x, y),
+            "exact",
+        )
+    out["newton_cg_step[ggn]"] = (
+        lambda p, v, w, x, y: (
+            hessfunc.newton_cg_step(
+                loss,
+                p,
+                x,
+                y,
+                curvature=lambda q, t: hessfunc.ggn_vp(model, CrossEntropyLoss(y), q, t, x),
+                damping=1.0,
+                maxiter=3,
+            ).params
+        ),
+        "exact",
+    )
+    out["cg"] = (
+        lambda p, v, w, x, y: (
+            hessfunc.cg(lambda t: hessfunc.hvp(loss, p, t, x, y), v, maxiter=3, damping=1.0).x
+        ),
+        "exact",
+    )
+    out["fd_grad"] = (
+        lambda p, v, w, x, y: hessfunc.fd_grad(loss, p, x, y, directions=_stack(v, w)),
+        "fd",
+    )
+    out["fd_hvp"] = (lambda p, v, w, x, y: hessfunc.fd_hvp(loss, p, v, x, y), "fd")
+    out["fd_hvps"] = (lambda p, v, w, x, y: hessfunc.fd_hvps(loss, p, _stack(v, w), x, y), "fd")
+    out["fd_hessian_matrix"] = (
+        lambda p, v, w, x, y: hessfunc.fd_hessian_matrix(loss, p, x, y),
+        "fd",
+    )
+    return out
+
+
+def _noise(y, x, p):
+    """Fixed uniform draws for the Monte-Carlo Fisher, shaped (samples, N, classes)."""
+    ref = _tree.tree_leaves(p)[0]
+    n = y.shape[0]
+    g = torch.linspace(0.01, 0.99, 2 * n * compile_zoo.C, dtype=ref.dtype, device=ref.device)
+    return g.reshape(2, n, compile_zoo.C).flip(-1)
+
+
+@contextlib.contextmanager
+def settings(dtype: torch.dtype, threads: int):
+    """Default dtype of the model (as its user would have it) and intra-op threads."""
+    old_dtype, old_threads = torch.get_default_dtype(), torch.get_num_threads()
+    torch.set_default_dtype(dtype)
+    torch.set_num_threads(threads)
+    torch._dynamo.reset()
+    try:
+        yield
+    finally:
+        torch._dynamo.reset()
+        torch.set_num_threads(old_threads)
+        torch.set_default_dtype(old_dtype)
+
+
+def relative_error(actual, expected) -> float:
+    """Largest leaf-wise ``||a - e|| / ||e||``, each leaf's norm floored at 1e-3 of the whole
+    result's (a leaf of near-zero curvature is held to the scale of the product)."""
+    la, le = _tree.tree_leaves(actual), _tree.tree_leaves(expected)
+    assert len(la) == len(le)
+    total = math.sqrt(sum(float(e.double().pow(2).sum()) for e in le))
+    worst = 0.0
+    for a, e in zip(la, le, strict=True):
+        assert a.shape == e.shape, (a.shape, e.shape)
+        diff = float((a.double() - e.double()).norm())
+        worst = max(worst, diff / max(float(e.double().norm()), 1e-3 * total, 1e-300))
+    return worst
+
+
+def run_case(arch: str, product: str, dtype: torch.dtype, threads: int) -> None:
+    spec = ARCHS[arch]
+    model64 = compile_zoo.build(arch, torch.float64)
+    apply64, p64 = hessfunc.from_module(model64)
+    x64, y = compile_zoo.data(arch, torch.float64)
+    float_inputs = x64.is_floating_point()
+    v64 = _tree.random_like(p64, torch.Generator().manual_seed(2))
+    w64 = _tree.random_like(p64, torch.Generator().manual_seed(3))
+    with settings(dtype, threads):
+        model = compile_zoo.build(arch, dtype)
+        apply, p = hessfunc.from_module(model)
+        x, _ = compile_zoo.data(arch, dtype)
+        v, w = (_tree.tree_map(lambda t: t.to(dtype), t) for t in (v64, w64))
+        fn, kind = products(apply, spec.per_sample, float_inputs, dtype)[product]
+        compiled = torch.compile(fn, fullgraph=True)
+        if spec.refused is not None:
+            with pytest.raises(Exception, match=spec.refused):
+                compiled(p, v, w, x, y)
+            return
+        got = compiled(p, v, w, x, y)
+        if kind == "fd":  # the same stencil, evaluated eagerly in the same dtype
+            expected = fn(p, v, w, x, y)
+        else:
+            fn64, _ = products(apply64, spec.per_sample, float_inputs, torch.float64)[product]
+            expected = fn64(p64, v64, w64, x64, y)
+    err = relative_error(got, expected)
+    assert err <= RTOL[(kind, dtype)], f"{arch} {product} {dtype} threads={threads}: {err:.3g}"
+
+
+def _names(arch: str) -> list[str]:
+    spec = ARCHS[arch]
+    return list(products(None, spec.per_sample, spec.inputs != "tokens", torch.float32))
+
+
+# The fast subset: the blocks where inductor miscompiled forward-over-reverse (a norm before
+# projection-free self-attention on a 3-D batch; top-k routing), in the modes that were wrong.
+FAST = [
+    ("hand_rmsnorm_attention", "hvp[fwd-rev]", torch.float32, 1),
+    ("rmsnorm_attention", "hvp[fwd-rev]", torch.float32, 1),
+    ("normalize_attention", "hvp[fwd-rev]", torch.float32, 1),
+    ("rmsnorm_attention_residual_gelu", "ggn_vp[fwd-rev]", torch.float32, 1),
+    ("mixture_of_experts", "hvp[fwd-rev]", torch.float32, 1),
+    ("mixture_of_experts", "hessian_matrix[fwd-rev]", torch.float32, 2),
+    ("gru", "hvp[rev-rev]", torch.float32, 1),
+]
+
+# With two threads inductor parallelises other loops, so the code differs; the products built
+# from these (dense matrices, solvers, finite differences) repeat their kernels.
+TWO_THREADS = {
+    "hvp[fwd-rev]",
+    "hvps[fwd-rev]",
+    "hessian_matrix[fwd-rev]",
+    "ggn_vp[fwd-rev]",
+    "ggn_vp[rev-rev]",
+    "ggn_vps[fwd-rev]",
+    "fisher_vp_empirical[fwd-rev]",
+}
+FULL = [
+    (arch, product, torch.float32, threads)
+    for arch in ARCHS
+    for product in _names(arch)
+    for threads in ((1, 2) if product in TWO_THREADS else (1,))
+] + [  # float64 for the norm-attention blocks
+    (arch, f"hvp[{m}]", torch.float64, 1)
+    for arch, m in itertools.product(
+        [a for a in ARCHS if a.endswith(("attention", "attention_residual", "residual_gelu"))],
+        MODES,
+    )
+]
+FULL = [c for c in FULL if c not in FAST]
+
+
+def _id(case) -> str:
+    arch, product, dtype, threads = case
+    return f"{arch}-{product}-{str(dtype).removeprefix('torch.')}-{threads}t"
+
+
+@pytest.mark.parametrize("case", FAST, ids=_id)
+def test_zoo_fast(case):
+    run_case(*case)
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("case", FULL, ids=_id)
+def test_zoo_full(case):
+    run_case(*case)
+
+
+def test_zoo_covers_every_architecture_and_product():
+    assert len(ARCHS) >= 20
+    names = set(itertools.chain.from_iterable(_names(a) for a in ARCHS))
+    for product in ("hvp", "hvps", "hessian_matrix", "ggn_vp", "ggn_vps", "ggn_matrix"):
+        assert {f"{product}[{m}]" for m in MODES} <= names
+    cases = {(a, p) for a, p, _, _ in FAST + FULL}
+    assert all((a, p) in cases for a in ARCHS for p in _names(a))
