@@ -44,7 +44,7 @@ import common  # noqa: E402
 import workloads  # noqa: E402
 
 import hessfunc  # noqa: E402
-from hessfunc import _tree  # noqa: E402
+from hessfunc import _context, _tree  # noqa: E402
 from hessfunc.ggn import ggn_vp  # noqa: E402
 from hessfunc.losses import CrossEntropyLoss  # noqa: E402
 
@@ -132,6 +132,13 @@ def profile_products(label: str, fns: dict, device: str, calls: int = 5):
         key = "self_device_time_total" if cuda else "self_cpu_time_total"
         tops.append(f"## {label} / {name}\n\n```\n{ev.table(sort_by=key, row_limit=15)}\n```")
     return rows, "\n\n".join(tops)
+
+
+def traced_forward_over_reverse(f, params, v, *args):
+    """``jvp`` of the ``jacrev`` gradient inside hessfunc's second-order context."""
+    grad_fn = jacrev(f)
+    with _context.second_order_kernels():
+        return jvp(lambda p: grad_fn(p, *args), (params,), (v,))[1]
 
 
 def autograd_double_backward(f, params, v, args):
@@ -222,6 +229,15 @@ def products(w, device, compile_: bool, repeat: int, modes=("fwd-rev", "rev-rev"
         )
         for mode in modes[1:]:
             compiled[f"hvp {mode}"] = lambda mode=mode: hvp_pair(mode)
+        # what a compiled fwd-rev HVP traced before every Hessian product was traced
+        # reverse-over-reverse under compile (hessfunc._context.traced_mode): the cost the
+        # rule saves or adds, and whether inductor gets this workload right
+        compiled["hvp traced forward-over-reverse (before)"] = lambda: (
+            torch.compile(
+                lambda p, v, *a: traced_forward_over_reverse(f, p, v, *a), fullgraph=True
+            ),
+            lambda: hessfunc.hvp(f, params, v, *args),
+        )
         essential = 2
         for i, (name, make) in enumerate(compiled.items()):
             if i >= essential and budget.spent():
@@ -247,7 +263,7 @@ def products(w, device, compile_: bool, repeat: int, modes=("fwd-rev", "rev-rev"
                     t * 1e3,
                     t / t_grad,
                     t / tc_grad,
-                    ratio(mem, mem_grad),
+                    ratio(mem, mem_cg),
                 ]
             )
             notes.append(
