@@ -1,18 +1,30 @@
-"""Composite normalisation layers for second-order evaluations.
+"""Composite normalisation kernels for second-order evaluations.
 
 torch.func's second derivatives through the fused normalisation kernels are silently wrong once
 the layer's affine weight is differentiated together with its input: on torch 2.13 a
-forward-over-reverse or reverse-over-reverse Hessian through ``F.layer_norm``,
-``F.batch_norm`` on batch statistics and ``F.instance_norm`` is off by tens of percent, while
-``torch.autograd.grad`` double backward is right (same family as pytorch#196700 for
-layer_norm and pytorch#196699 for batch_norm, both for nested forward mode). ``F.group_norm``'s
-forward-over-reverse raises a view error.
+forward-over-reverse or reverse-over-reverse Hessian through ``native_layer_norm``,
+``native_batch_norm`` on batch statistics and ``instance_norm`` is off by tens of percent, while
+``torch.autograd.grad`` double backward is right (same family as pytorch#196700 for layer_norm
+and pytorch#196699 for batch_norm, both for nested forward mode); ``native_group_norm``'s
+forward-over-reverse raises a view error; and the double backward of ``_weight_norm_interface``
+(weight normalisation) is wrong even through ``torch.autograd.functional.hessian``.
 
 While hessfunc evaluates ``f`` for a second-order quantity, a ``TorchFunctionMode`` replaces
-these calls by the same formula written in elementary ops (mean, variance, rsqrt, affine), whose
-derivatives of every order are right. Eval-mode ``F.batch_norm`` (running statistics) is an
-affine map whose fused kernel differentiates correctly, and ``F.rms_norm`` too; both pass through.
-The mode also keeps ``nn.TransformerEncoderLayer`` off its fused inference fast path.
+these kernels by the same formulas written in elementary ops (mean, variance, rsqrt, affine),
+whose derivatives of every order are right, with the kernels' own outputs (the saved mean and
+inverse standard deviation of the ``native_*`` variants included).
+
+How the kernels are recognised: a ``TorchFunctionMode`` sees the Python object that was called,
+and a fused kernel can be reached through many of them: ``F.layer_norm`` (what module forward
+methods call), ``torch.layer_norm``, ``torch.native_layer_norm``, ``torch.ops.aten.layer_norm``
+(the packet) and ``torch.ops.aten.layer_norm.default`` (one overload). The routing table is
+therefore built from the aten operator names of the kernels: for each name it collects every
+callable that reaches that operator (``torch.<name>``, ``torch._C._VariableFunctions.<name>``,
+every overload of ``torch.ops.aten.<name>``) and the ``torch.nn.functional`` wrapper of the same
+name, whose argument order differs. ``tests/test_decomp.py`` walks torch's namespaces and fails
+if a callable reaching one of these kernels is missing from the table. Internal entry points that
+only the routed functions call (``_batch_norm_impl_index``, the cuDNN and MIOpen kernels) are
+reached only through routed callers and need no entry.
 """
 
 from __future__ import annotations
@@ -24,10 +36,24 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+# ----------------------------------------------------------------------------- formulas
 
-def _affine(
-    y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, shape
-) -> torch.Tensor:
+
+def _normalise(
+    x: torch.Tensor, dims: Sequence[int], eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``((x - mean) * rstd, mean, biased variance, rstd)`` over ``dims`` (kept)."""
+    dims = tuple(dims)
+    mean = x.mean(dim=dims, keepdim=True)
+    centred = x - mean
+    # pow(2), not centred * centred: inductor miscompiles the forward-over-reverse derivative of
+    # a tensor multiplied by itself in these graphs.
+    var = centred.pow(2).mean(dim=dims, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    return centred * rstd, mean, var, rstd
+
+
+def _affine(y: torch.Tensor, weight: Any, bias: Any, shape: Sequence[int]) -> torch.Tensor:
     if weight is not None:
         y = y * weight.reshape(shape)
     if bias is not None:
@@ -35,46 +61,104 @@ def _affine(
     return y
 
 
-def _normalise(
-    x: torch.Tensor, dims: Sequence[int], eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    mean = x.mean(dim=tuple(dims), keepdim=True)
-    centred = x - mean
-    # pow(2), not centred * centred: inductor miscompiles the forward-over-reverse derivative of
-    # a tensor multiplied by itself in these graphs (see tests/test_compile.py).
-    var = centred.pow(2).mean(dim=tuple(dims), keepdim=True)
-    return centred * torch.rsqrt(var + eps), mean, var
+def _channel_shape(x: torch.Tensor) -> tuple[int, ...]:
+    return (1, -1) + (1,) * (x.dim() - 2)
 
 
-def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
-    k = len(normalized_shape) if isinstance(normalized_shape, (list, tuple, torch.Size)) else 1
-    y, _, _ = _normalise(input, range(input.dim() - k, input.dim()), eps)
-    return _affine(y, weight, bias, y.shape[input.dim() - k :])
+def native_layer_norm(input, normalized_shape, weight, bias, eps):
+    k = len(normalized_shape)
+    y, mean, _, rstd = _normalise(input, range(input.dim() - k, input.dim()), eps)
+    # the fused kernel's saved statistics are not differentiable outputs; the composite's match
+    return _affine(y, weight, bias, tuple(normalized_shape)), mean.detach(), rstd.detach()
 
 
-def _update_running(running, stat, momentum, n) -> None:
-    with torch.no_grad():
-        running.mul_(1 - momentum).add_(momentum * stat)
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
+    return native_layer_norm(input, normalized_shape, weight, bias, eps)[0]
+
+
+def F_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    return native_layer_norm(input, normalized_shape, weight, bias, eps)[0]
+
+
+def rms_norm(input, normalized_shape, weight=None, eps=None):
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    k = len(normalized_shape)
+    eps = torch.finfo(input.dtype).eps if eps is None else eps
+    dims = tuple(range(input.dim() - k, input.dim()))
+    rstd = torch.rsqrt(input.pow(2).mean(dim=dims, keepdim=True) + eps)
+    return _affine(input * rstd, weight, None, tuple(normalized_shape)), rstd
+
+
+def _update_running(running: torch.Tensor | None, stat: torch.Tensor, momentum: float) -> None:
+    if running is not None:
+        with torch.no_grad():
+            running.mul_(1 - momentum).add_(momentum * stat)
+
+
+def native_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps):
+    """``(out, save_mean, save_invstd)``; the saved statistics are empty in evaluation, as in
+    the fused kernel. In training the running statistics are updated in place, as torch does."""
+    shape = _channel_shape(input)
+    if not training:
+        rstd = torch.rsqrt(running_var + eps)
+        y = (input - running_mean.reshape(shape)) * rstd.reshape(shape)
+        empty = input.new_empty((0,))
+        return _affine(y, weight, bias, shape), empty, empty
+    dims = [0, *range(2, input.dim())]
+    y, mean, var, rstd = _normalise(input, dims, eps)
+    n = input.numel() / input.shape[1]
+    _update_running(running_mean, mean.detach().reshape(-1), momentum)
+    _update_running(running_var, var.detach().reshape(-1) * n / max(n - 1, 1), momentum)
+    return _affine(y, weight, bias, shape), mean.detach().reshape(-1), rstd.detach().reshape(-1)
 
 
 def batch_norm(
+    input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled=True
+):
+    return native_batch_norm(
+        input, weight, bias, running_mean, running_var, training, momentum, eps
+    )[0]
+
+
+def F_batch_norm(
     input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
 ):
-    shape = (1, -1) + (1,) * (input.dim() - 2)
-    if not training:
-        return _FUSED[F.batch_norm](
-            input, running_mean, running_var, weight, bias, training, momentum, eps
-        )
-    dims = [0, *range(2, input.dim())]
-    y, mean, var = _normalise(input, dims, eps)
-    if running_mean is not None and running_var is not None:
-        n = input.numel() / input.shape[1]
-        _update_running(running_mean, mean.detach().reshape(-1), momentum, n)
-        _update_running(running_var, var.detach().reshape(-1) * n / max(n - 1, 1), momentum, n)
-    return _affine(y, weight, bias, shape)
+    return native_batch_norm(
+        input, weight, bias, running_mean, running_var, training, momentum, eps
+    )[0]
+
+
+def native_batch_norm_legit(input, weight, bias, *rest):
+    """Both overloads: ``(running_mean, running_var, training, momentum, eps)`` or, without
+    statistics (``no_stats``), ``(training, momentum, eps)``."""
+    if len(rest) == 3:
+        return native_batch_norm(input, weight, bias, None, None, *rest)
+    return native_batch_norm(input, weight, bias, *rest)
+
+
+def native_batch_norm_legit_no_training(
+    input, weight, bias, running_mean, running_var, momentum, eps
+):
+    return native_batch_norm(input, weight, bias, running_mean, running_var, False, momentum, eps)
 
 
 def instance_norm(
+    input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, cudnn_enabled
+):
+    shape = _channel_shape(input)
+    if not use_input_stats:
+        return native_batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps)[0]
+    y, mean, var, _ = _normalise(input, range(2, input.dim()), eps)
+    n = input[0, 0].numel()
+    _update_running(running_mean, mean.detach().mean(0).reshape(-1), momentum)
+    _update_running(running_var, var.detach().mean(0).reshape(-1) * n / max(n - 1, 1), momentum)
+    return _affine(y, weight, bias, shape)
+
+
+def F_instance_norm(
     input,
     running_mean=None,
     running_var=None,
@@ -84,50 +168,98 @@ def instance_norm(
     momentum=0.1,
     eps=1e-5,
 ):
-    shape = (1, -1) + (1,) * (input.dim() - 2)
-    if not use_input_stats:
-        y = (input - running_mean.reshape(shape)) * torch.rsqrt(running_var.reshape(shape) + eps)
-        return _affine(y, weight, bias, shape)
-    y, mean, var = _normalise(input, range(2, input.dim()), eps)
-    if running_mean is not None and running_var is not None:
-        n = input[0, 0].numel()
-        _update_running(running_mean, mean.detach().mean(0).reshape(-1), momentum, n)
-        _update_running(
-            running_var, var.detach().mean(0).reshape(-1) * n / max(n - 1, 1), momentum, n
-        )
-    return _affine(y, weight, bias, shape)
+    return instance_norm(
+        input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, False
+    )
 
 
-def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
+def native_group_norm(input, weight, bias, N, C, HxW, group, eps):
+    """``(out, mean, rstd)`` with statistics of shape ``(N, group)`` (differentiable outputs,
+    as in the fused kernel)."""
+    grouped = input.reshape(N, group, -1)
+    y, mean, _, rstd = _normalise(grouped, (2,), eps)
+    out = _affine(y.reshape(input.shape), weight, bias, _channel_shape(input))
+    return out, mean.reshape(N, group), rstd.reshape(N, group)
+
+
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, cudnn_enabled=True):
     n, c = input.shape[:2]
-    grouped = input.reshape(n, num_groups, -1)
-    y, _, _ = _normalise(grouped, (2,), eps)
-    y = y.reshape(input.shape)
-    return _affine(y, weight, bias, (1, -1) + (1,) * (input.dim() - 2))
+    return native_group_norm(input, weight, bias, n, c, input[0, 0].numel(), num_groups, eps)[0]
 
 
-_FUSED: dict[Callable, Callable] = {
-    F.layer_norm: F.layer_norm,
-    F.batch_norm: F.batch_norm,
-    F.instance_norm: F.instance_norm,
-    F.group_norm: F.group_norm,
+def _norm_except_dim(v: torch.Tensor, dim: int) -> torch.Tensor:
+    if dim == -1:
+        return v.pow(2).sum().sqrt()
+    dims = [d for d in range(v.dim()) if d != dim]
+    return v.pow(2).sum(dim=dims, keepdim=True).sqrt()
+
+
+def weight_norm_interface(v, g, dim=0):
+    norm = _norm_except_dim(v, dim)
+    return v * (g / norm), norm.detach()
+
+
+def weight_norm(v, g, dim=0):
+    return weight_norm_interface(v, g, dim)[0]
+
+
+# ----------------------------------------------------------------------------- routing
+
+# aten operator name -> composite with the aten schema's argument order
+_ATEN: dict[str, Callable[..., Any]] = {
+    "layer_norm": layer_norm,
+    "native_layer_norm": native_layer_norm,
+    "rms_norm": lambda *a, **k: rms_norm(*a, **k)[0],
+    "_fused_rms_norm": rms_norm,
+    "batch_norm": batch_norm,
+    "native_batch_norm": native_batch_norm,
+    "_native_batch_norm_legit": native_batch_norm_legit,
+    "_native_batch_norm_legit_no_training": native_batch_norm_legit_no_training,
+    "instance_norm": instance_norm,
+    "group_norm": group_norm,
+    "native_group_norm": native_group_norm,
+    "_weight_norm": weight_norm,
+    "_weight_norm_interface": weight_norm_interface,
 }
-_COMPOSITE: dict[Callable, Callable] = {
-    F.layer_norm: layer_norm,
-    F.batch_norm: batch_norm,
-    F.instance_norm: instance_norm,
+# torch.nn.functional wrappers, whose argument order differs from the aten schema
+_FUNCTIONAL: dict[Callable[..., Any], Callable[..., Any]] = {
+    F.layer_norm: F_layer_norm,
+    F.rms_norm: lambda *a, **k: rms_norm(*a, **k)[0],
+    F.batch_norm: F_batch_norm,
+    F.instance_norm: F_instance_norm,
     F.group_norm: group_norm,
 }
 
 
+def _callables_reaching(name: str) -> list[Any]:
+    """Every Python callable that reaches the aten operator ``name``."""
+    found = [getattr(ns, name, None) for ns in (torch, torch._C._VariableFunctions)]
+    packet = getattr(torch.ops.aten, name, None)
+    if packet is not None:
+        found.append(packet)
+        # the ``out=`` overloads write into given tensors; nothing differentiates through them
+        found += [getattr(packet, o) for o in packet.overloads() if "out" not in o]
+    return [c for c in found if c is not None]
+
+
+def _build_routes() -> dict[Any, Callable[..., Any]]:
+    routes: dict[Any, Callable[..., Any]] = dict(_FUNCTIONAL)
+    for name, composite in _ATEN.items():
+        for fn in _callables_reaching(name):
+            routes[fn] = composite
+    return routes
+
+
+ROUTES: dict[Any, Callable[..., Any]] = _build_routes()
+
+
 class CompositeNorms(TorchFunctionMode):
-    """Route normalisation layers to their composite forms (see the module docstring)."""
+    """Route the fused normalisation kernels to their composite forms (module docstring)."""
 
     def __torch_function__(
         self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None
     ) -> Any:
-        kwargs = kwargs or {}
-        composite = _COMPOSITE.get(func)
+        composite = ROUTES.get(func)
         if composite is not None:
-            return composite(*args, **kwargs)
-        return func(*args, **kwargs)
+            return composite(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))

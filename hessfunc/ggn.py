@@ -43,7 +43,10 @@ def _linearise(
     leaves as auxiliary output, so the pullback only runs back through the primal outputs: a
     plain first-order backward, never reverse-over-forward through a tangent.
     ``"rev-rev"``: no forward mode at all. ``u -> J^T u`` is linear in ``u``, so its VJP at any
-    ``u`` (zero here) along ``v`` is ``J v`` (the double-VJP trick), again sharing the forward.
+    ``u`` along ``v`` is ``J v`` (the double-VJP trick), again sharing the forward. The point is
+    ``u = 1`` (every entry one), not ``u = 0``: a few backward formulas are singular at a zero
+    cotangent even though the map they compute is linear (``logcumsumexp``'s backward takes the
+    log of ``|u|``, so at ``u = 0`` its linearisation is NaN or exactly zero).
     """
     if mode == "fwd-rev":
 
@@ -53,8 +56,8 @@ def _linearise(
         out, pullback, jv = vjp(primal_and_tangent, params, has_aux=True)
     else:
         out, pullback = vjp(call, params)
-        zeros = _tree.zeros_like(out)
-        jv = vjp(lambda u: pullback(u)[0], zeros)[1](v)[0]
+        ones = _tree.tree_map(torch.ones_like, out)
+        jv = vjp(lambda u: pullback(u)[0], ones)[1](v)[0]
     return out, jv, lambda u: pullback(u)[0]
 
 

@@ -132,3 +132,140 @@ def test_loss_with_inputs_as_kwargs():
     f = lambda p, q: apply(p, q, q, q, need_weights=False)[0].pow(2).sum()
     v = direction(params)
     assert_close(hessfunc.hvp(f, params, v, q), autograd_hvp(f, params, v, q))
+
+
+# ----------------------------------------------------------------------------- side effects
+
+
+def _state(m):
+    """Everything a call could change: tensors (values and identity), flags, plain attributes."""
+    tensors = {n: (t, t.clone()) for n, t in list(m.named_parameters()) + list(m.named_buffers())}
+    attrs = {
+        (n, k): v
+        for n, sub in m.named_modules()
+        for k, v in vars(sub).items()
+        if isinstance(v, torch.Tensor)
+    }
+    flags = [(s.training, [p.requires_grad for p in s.parameters()]) for s in m.modules()]
+    return tensors, attrs, flags, torch.get_rng_state()
+
+
+def _assert_unchanged(m, before):
+    tensors, attrs, flags, rng = before
+    now = dict(list(m.named_parameters()) + list(m.named_buffers()))
+    assert set(now) == set(tensors)
+    for n, (obj, value) in tensors.items():
+        assert now[n] is obj, n
+        assert torch.equal(obj, value), n
+    now_attrs = {
+        (n, k): v
+        for n, sub in m.named_modules()
+        for k, v in vars(sub).items()
+        if isinstance(v, torch.Tensor)
+    }
+    assert now_attrs.keys() == attrs.keys()
+    assert all(now_attrs[k] is attrs[k] for k in attrs)
+    assert flags == [(s.training, [p.requires_grad for p in s.parameters()]) for s in m.modules()]
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+SIDE_EFFECTS = {
+    "embedding_max_norm": (lambda: nn.Embedding(6, 3, max_norm=0.5), "max_norm", False),
+    "embedding_bag_max_norm": (lambda: nn.EmbeddingBag(6, 3, max_norm=0.5), "max_norm", False),
+    "rrelu_train": (lambda: nn.Sequential(nn.Linear(3, 3), nn.RReLU()), "RReLU", True),
+    "spectral_norm_train": (
+        lambda: nn.utils.parametrizations.spectral_norm(nn.Linear(3, 3)),
+        "spectral_norm",
+        True,
+    ),
+    "spectral_norm_hook_train": (
+        lambda: nn.utils.spectral_norm(nn.Linear(3, 3)),
+        "spectral_norm",
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", SIDE_EFFECTS)
+def test_layers_with_side_effects_are_refused_and_nothing_changes(name):
+    build, match, train_only = SIDE_EFFECTS[name]
+    m = build().double().train()
+    x = torch.tensor([[0, 2, 5]]) if "embedding" in name else torch.randn(4, 3)
+    apply, params = hessfunc.from_module(m)
+    before = _state(m)
+    f = lambda p, x: apply(p, x).pow(2).sum()
+    with pytest.raises(RuntimeError, match=rf"(?s){match}.*hessfunc never changes"):
+        hessfunc.hvp(f, params, direction(params), x)
+    _assert_unchanged(m, before)
+    m.eval()
+    if train_only:  # evaluation mode is deterministic: exact and untouched
+        before = _state(m)
+        v = direction(params)
+        assert_close(hessfunc.hvp(f, params, v, x), autograd_hvp(f, params, v, x))
+        _assert_unchanged(m, before)
+    else:
+        with pytest.raises(RuntimeError, match=match):
+            apply(params, x)
+
+
+class OwnDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return torch.nn.functional.dropout(self.lin(x), 0.5, training=True)
+
+
+class WritesBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("cls", [OwnDropout, WritesBuffer])
+def test_unknown_side_effects_are_detected_and_undone(cls):
+    m = cls().double()
+    apply, params = hessfunc.from_module(m)
+    before = _state(m)
+    with pytest.raises(RuntimeError, match="random numbers" if cls is OwnDropout else "'calls'"):
+        hessfunc.hvp(lambda p, x: apply(p, x).sum(), params, direction(params), torch.ones(2, 3))
+    _assert_unchanged(m, before)
+
+
+@pytest.mark.parametrize("mode", ["fwd-rev", "rev-rev"])
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        nn.utils.weight_norm,
+        nn.utils.parametrizations.weight_norm,
+        lambda m: nn.utils.spectral_norm(m).eval(),
+    ],
+    ids=["weight_norm_hook", "weight_norm", "spectral_norm_hook_eval"],
+)
+def test_weight_normalisations_are_exact_and_leave_the_module_alone(wrap, mode):
+    torch.manual_seed(0)
+    m = nn.Sequential(wrap(nn.Linear(3, 4).double()), nn.Tanh(), nn.Linear(4, 2).double())
+    m.eval()
+    x = torch.randn(5, 3)
+    apply, params = hessfunc.from_module(m)
+    f = lambda p, x: apply(p, x).pow(2).sum()
+    before = _state(m)
+    v = direction(params)
+    expected = hessfunc.fd_hvp(f, params, v, x, order=4)  # first derivatives are right
+    assert_close(hessfunc.hvp(f, params, v, x, mode=mode), expected, "fd")
+    _assert_unchanged(m, before)
+
+
+def test_lazy_modules_are_refused_until_initialised():
+    m = nn.Sequential(nn.LazyLinear(2))
+    with pytest.raises(ValueError, match="(?s)lazy.*forward pass"):
+        hessfunc.from_module(m)
+    m(torch.randn(1, 3))
+    apply, params = hessfunc.from_module(m)
+    assert list(params) == ["0.weight", "0.bias"]
