@@ -1,26 +1,89 @@
 """The second-order evaluation context: which kernels run, which AD mode is traced, and how AD
 errors are reported.
 
-Every public function that differentiates twice evaluates the user's function inside
-:func:`second_order_kernels` and picks its AD mode through :func:`traced_mode`. Validation of
-inputs lives in ``_checks``; this module holds what happens while ``f`` runs.
+Every public function that differentiates twice runs its product through :func:`evaluate`: the
+AD mode it traces (:func:`traced_mode`), the kernels and the routing of ``f``
+(:func:`second_order_kernels`), and hessfunc's errors for missing derivatives
+(:func:`ad_error_hint`). Validation of inputs lives in ``_checks``; this module holds what
+happens while ``f`` runs.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
-from ._decomp import CompositeNorms
-from ._types import PyTree
+from . import _decomp
+
+T = TypeVar("T")
+
+
+class UnsoundForwardAD(NotImplementedError):
+    """An op whose forward-mode derivative is silently wrong upstream met a forward-mode pass."""
+
+
+def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
+    return args[index] if len(args) > index else kwargs.get(name, default)
+
+
+# Ops whose forward-mode AD returns a wrong number instead of raising (found by the op sweep in
+# tests/test_opinfo_sweep.py): aten name -> (does this call hit it?, what is wrong).
+FORWARD_AD_UNSOUND: dict[str, tuple[Callable[[tuple, dict], bool], str]] = {
+    "scatter_reduce": (
+        lambda a, k: _arg(a, k, 4, "reduce") == "prod",
+        "scatter_reduce(reduce='prod') returns a zero tangent (pytorch#196702)",
+    ),
+}
+
+
+def _unsound_table() -> dict[Any, tuple[Callable[[tuple, dict], bool], str]]:
+    table = {}
+    for name, entry in FORWARD_AD_UNSOUND.items():
+        for fn in _decomp.callables_reaching(name):
+            table[fn] = entry
+    return table
+
+
+_UNSOUND = _unsound_table()
+
+
+class SecondOrderMode(TorchFunctionMode):
+    """The mode every second-order evaluation of ``f`` runs under.
+
+    It routes the fused normalisation kernels to their composites (``_decomp``) and, while a
+    forward-mode tangent is carried (``forward=True``), stops at ops whose forward-mode AD is
+    silently wrong upstream (:data:`FORWARD_AD_UNSOUND`) by raising :class:`UnsoundForwardAD`,
+    so that the product is evaluated in reverse mode instead.
+    """
+
+    def __init__(self, forward: bool) -> None:
+        super().__init__()
+        self.forward = forward
+
+    def __torch_function__(
+        self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        composite = _decomp.ROUTES.get(func)
+        if composite is not None:
+            return composite(*args, **kwargs)
+        if self.forward:
+            unsound = _UNSOUND.get(func)
+            if unsound is not None and unsound[0](args, kwargs):
+                raise UnsoundForwardAD(unsound[1])
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
-def second_order_kernels() -> Iterator[None]:
-    """Run ``f`` with kernels that have second derivatives.
+def second_order_kernels(forward: bool = False) -> Iterator[None]:
+    """Run ``f`` with kernels that have right second derivatives.
+
+    ``forward`` says whether a forward-mode tangent flows through this evaluation.
 
     The fused scaled-dot-product-attention kernels (flash, memory-efficient, and the CPU flash
     kernel ``_scaled_dot_product_flash_attention_for_cpu``) have neither forward-mode AD nor a
@@ -30,7 +93,8 @@ def second_order_kernels() -> Iterator[None]:
     It costs O(L^2) memory in the sequence length, like the attention weights themselves.
 
     Normalisation layers are routed to composite forms at the same time (``_decomp``), because
-    torch.func's second derivatives through their fused kernels are wrong.
+    torch.func's second derivatives through their fused kernels are wrong, and ops with unsound
+    forward-mode AD are caught (:class:`SecondOrderMode`).
 
     The fused inference fast paths of ``nn.MultiheadAttention`` and
     ``nn.TransformerEncoderLayer`` are switched off as well: under ``torch.compile`` the tensors
@@ -44,7 +108,7 @@ def second_order_kernels() -> Iterator[None]:
     fastpath = mha._is_fastpath_enabled
     mha._is_fastpath_enabled = False
     try:
-        with sdpa_kernel(SDPBackend.MATH), CompositeNorms():
+        with sdpa_kernel(SDPBackend.MATH), SecondOrderMode(forward):
             yield
     finally:
         mha._is_fastpath_enabled = fastpath
@@ -76,27 +140,83 @@ def traced_mode(mode: str) -> str:
 
 
 _FWD_AD_MARKERS = ("forward AD", "forward mode AD", "jvp function")
+_DOUBLE_BACKWARD_MARKERS = ("derivative for",)
 
 
-def forward_ad_hint(where: str, err: BaseException) -> NotImplementedError | None:
-    """A hessfunc error for an op inside ``f`` that lacks forward-mode AD, else ``None``."""
+def _first_line(err: BaseException) -> str:
+    msg = str(err).strip()
+    return msg.splitlines()[0] if msg else type(err).__name__
+
+
+def ad_error_hint(where: str, mode: str, err: BaseException) -> NotImplementedError | None:
+    """hessfunc's error for an op in ``f`` that lacks the derivative ``mode`` needs, else None.
+
+    The advice names only what can work: the other mode needs the other derivative (forward
+    mode, or a double backward), which the op may lack too, so the message says so and points
+    at :func:`hessfunc.check_hvp` to confirm a result.
+    """
     msg = str(err)
-    if not any(m in msg for m in _FWD_AD_MARKERS):
-        return None
-    first = msg.strip().splitlines()[0] if msg.strip() else type(err).__name__
-    return NotImplementedError(
-        f"{where}: an operation inside f has no forward-mode AD, which mode='fwd-rev' needs "
-        f"({first}). Pass mode='rev-rev' (reverse-over-reverse: same result, no forward mode), "
-        "or replace the op (for a custom autograd.Function, implement its jvp staticmethod)."
-    )
+    first = _first_line(err)
+    if mode == "fwd-rev" and any(m in msg for m in _FWD_AD_MARKERS):
+        return NotImplementedError(
+            f"{where}: an operation inside f has no forward-mode AD, which mode='fwd-rev' needs "
+            f"({first}). mode='rev-rev' computes the same product without forward mode and "
+            "works if the op has a double backward (ops with neither cannot be differentiated "
+            "twice by any mode: replace them); confirm a result with hessfunc.check_hvp. For a "
+            "custom autograd.Function, implement its jvp staticmethod."
+        )
+    if (
+        mode == "rev-rev"
+        and any(m in msg for m in _DOUBLE_BACKWARD_MARKERS)
+        and ("not implemented" in msg)
+    ):
+        compiled = (
+            " Under torch.compile every Hessian product is traced reverse-over-reverse (see "
+            "hessfunc's README, 'torch.compile'), so compute this one eagerly."
+            if torch.compiler.is_compiling()
+            else ""
+        )
+        return NotImplementedError(
+            f"{where}: an operation inside f has no double backward, which reverse-over-reverse "
+            f"needs ({first}).{compiled} mode='fwd-rev' computes the same product with forward "
+            "mode and works if the op has forward-mode AD (ops with neither cannot be "
+            "differentiated twice by any mode: replace them); confirm a result with "
+            "hessfunc.check_hvp. For a custom autograd.Function, make its backward "
+            "differentiable."
+        )
+    return None
 
 
-def with_fwd_hint(where: str, thunk: Callable[[], PyTree]) -> PyTree:
-    """Run ``thunk``, turning a missing-forward-AD error into hessfunc's error with the fix."""
+def evaluate(where: str, mode: str, product: Callable[[str], T], *, hessian: bool) -> T:
+    """``product(mode)`` inside the second-order context, with hessfunc's errors.
+
+    ``hessian=True`` for products that differentiate a gradient (the HVP family): under
+    ``torch.compile`` they run ``"rev-rev"`` (:func:`traced_mode`). An op whose forward-mode AD
+    is silently wrong (:data:`FORWARD_AD_UNSOUND`) makes a ``"fwd-rev"`` evaluation start again
+    in ``"rev-rev"`` (eagerly; under compile, where nothing can be re-run, it raises with the
+    fix).
+    """
+    if hessian:
+        mode = traced_mode(mode)
     try:
-        return thunk()
+        return _run(where, mode, product)
+    except UnsoundForwardAD as err:
+        if torch.compiler.is_compiling():
+            raise NotImplementedError(
+                f"{where}: {err}; forward mode would give a wrong number here. Pass "
+                "mode='rev-rev' (the same product in reverse mode)."
+            ) from err
+    return _run(where, "rev-rev", product)
+
+
+def _run(where: str, mode: str, product: Callable[[str], T]) -> T:
+    try:
+        with second_order_kernels(forward=mode == "fwd-rev"):
+            return product(mode)
+    except UnsoundForwardAD:
+        raise
     except (NotImplementedError, RuntimeError) as err:
-        hint = forward_ad_hint(where, err)
+        hint = ad_error_hint(where, mode, err)
         if hint is None:
             raise
         raise hint from err

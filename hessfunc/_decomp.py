@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 # ----------------------------------------------------------------------------- formulas
 
@@ -231,9 +230,10 @@ _FUNCTIONAL: dict[Callable[..., Any], Callable[..., Any]] = {
 }
 
 
-def _callables_reaching(name: str) -> list[Any]:
-    """Every Python callable that reaches the aten operator ``name``."""
-    found = [getattr(ns, name, None) for ns in (torch, torch._C._VariableFunctions)]
+def callables_reaching(name: str) -> list[Any]:
+    """Every Python callable that reaches the aten operator ``name`` (functions, Tensor methods,
+    ``torch.ops.aten`` packets and their overloads)."""
+    found = [getattr(ns, name, None) for ns in (torch, torch._C._VariableFunctions, torch.Tensor)]
     packet = getattr(torch.ops.aten, name, None)
     if packet is not None:
         found.append(packet)
@@ -245,21 +245,9 @@ def _callables_reaching(name: str) -> list[Any]:
 def _build_routes() -> dict[Any, Callable[..., Any]]:
     routes: dict[Any, Callable[..., Any]] = dict(_FUNCTIONAL)
     for name, composite in _ATEN.items():
-        for fn in _callables_reaching(name):
+        for fn in callables_reaching(name):
             routes[fn] = composite
     return routes
 
 
 ROUTES: dict[Any, Callable[..., Any]] = _build_routes()
-
-
-class CompositeNorms(TorchFunctionMode):
-    """Route the fused normalisation kernels to their composite forms (module docstring)."""
-
-    def __torch_function__(
-        self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None
-    ) -> Any:
-        composite = ROUTES.get(func)
-        if composite is not None:
-            return composite(*args, **(kwargs or {}))
-        return func(*args, **(kwargs or {}))

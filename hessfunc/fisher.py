@@ -140,7 +140,7 @@ def fisher_vp(
     _checks.check_params(where, params)
     _checks.check_like(where, params, v)
 
-    def product() -> PyTree:
+    def product(mode: str) -> PyTree:
         out, jv, pullback = _linearise(lambda p: model_fn(p, *args), params, v, mode)
         c = loss.scale(out)
         if kind == "empirical":
@@ -162,8 +162,7 @@ def fisher_vp(
         summed = _tree.tree_map(lambda x: x.sum(0), vmap(_tree.row_scale)(weights, rows))
         return pullback(_tree.scale(c / mc_samples, summed))
 
-    with _context.second_order_kernels():
-        return _context.with_fwd_hint(where, product)
+    return _context.evaluate(where, mode, product, hessian=False)
 
 
 def per_sample_grads(

@@ -61,11 +61,13 @@ def _linearise(
     return out, jv, lambda u: pullback(u)[0]
 
 
-def _output_hvp(where: str, loss_fn: Callable[[PyTree], torch.Tensor]) -> Callable:
+def _output_hvp(where: str, loss_fn: Callable[[PyTree], torch.Tensor], mode: str) -> Callable:
     """Return ``(outputs, u) -> H_ℓ u``: closed form for hessfunc losses, else autodiff.
 
-    ``jvp`` of ``jacrev`` rather than of ``grad``: ``jvp(grad(L))`` raises "ZeroTensors are
-    immutable" when ``L`` uses ``F.mse_loss`` (pytorch#123996).
+    The autodiff product is a Hessian product in output space, so it follows the rule of
+    :func:`hessfunc._context.traced_mode`: ``mode``'s path eagerly, reverse-over-reverse under
+    compile. ``jvp`` of ``jacrev`` rather than of ``grad``: ``jvp(grad(L))`` raises
+    "ZeroTensors are immutable" when ``L`` uses ``F.mse_loss`` (pytorch#123996).
     """
     if isinstance(loss_fn, Loss):
         return loss_fn.hvp
@@ -75,7 +77,9 @@ def _output_hvp(where: str, loss_fn: Callable[[PyTree], torch.Tensor]) -> Callab
             f"{type(loss_fn).__name__}. Close over the targets: lambda out: F.mse_loss(out, y)."
         )
     grad_out = jacrev(_checks.scalar_fn(where, loss_fn))
-    return lambda out, u: jvp(grad_out, (out,), (u,))[1]
+    if _context.traced_mode(mode) == "fwd-rev":
+        return lambda out, u: jvp(grad_out, (out,), (u,))[1]
+    return lambda out, u: vjp(grad_out, out)[1](u)[0]
 
 
 def _check_model_fn(where: str, model_fn: Any) -> None:
@@ -93,8 +97,8 @@ def _ggn_product(
     mode: str,
     args: tuple[Any, ...],
 ) -> Callable[[PyTree, PyTree], PyTree]:
-    """``(params, v) -> G v``; call it inside ``second_order_kernels()``."""
-    hvp_out = _output_hvp(where, loss_fn)
+    """``(params, v) -> G v``; call it through ``_context.evaluate``."""
+    hvp_out = _output_hvp(where, loss_fn, mode)
 
     def product(params: PyTree, v: PyTree) -> PyTree:
         out, jv, pullback = _linearise(lambda p: model_fn(p, *args), params, v, mode)
@@ -155,9 +159,12 @@ def ggn_vp(
     _check_model_fn(where, model_fn)
     _checks.check_params(where, params)
     _checks.check_like(where, params, v)
-    product = _ggn_product(where, model_fn, loss_fn, mode, args)
-    with _context.second_order_kernels():
-        return _context.with_fwd_hint(where, lambda: product(params, v))
+    return _context.evaluate(
+        where,
+        mode,
+        lambda m: _ggn_product(where, model_fn, loss_fn, m, args)(params, v),
+        hessian=False,
+    )
 
 
 def ggn_vps(
@@ -205,10 +212,12 @@ def ggn_vps(
     _check_model_fn(where, model_fn)
     _checks.check_params(where, params)
     _checks.check_like(where, params, vs, "vs", batched=True)
-    product = _ggn_product(where, model_fn, loss_fn, mode, args)
-    with _context.second_order_kernels():
-        batched = vmap(lambda t: product(params, t), chunk_size=chunk_size)
-        return _context.with_fwd_hint(where, lambda: batched(vs))
+
+    def product(m: str) -> PyTree:
+        one = _ggn_product(where, model_fn, loss_fn, m, args)
+        return vmap(lambda t: one(params, t), chunk_size=chunk_size)(vs)
+
+    return _context.evaluate(where, mode, product, hessian=False)
 
 
 def ggn_matrix(
@@ -262,6 +271,9 @@ def ggn_matrix(
     flat, unravel = _tree.ravel(params)
     n = flat.numel()
     _memory.guard(where, n, flat.dtype, flat.device, chunk_size, max_bytes)
-    product = _ggn_product(where, lambda z, *a: model_fn(unravel(z), *a), loss_fn, mode, args)
-    with _context.second_order_kernels():
-        return rows_over_basis(where, vmap(lambda t: product(flat, t)), flat, chunk_size)
+
+    def product(m: str) -> torch.Tensor:
+        one = _ggn_product(where, lambda z, *a: model_fn(unravel(z), *a), loss_fn, m, args)
+        return rows_over_basis(vmap(lambda t: one(flat, t)), flat, chunk_size)
+
+    return _context.evaluate(where, mode, product, hessian=False)

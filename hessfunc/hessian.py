@@ -33,27 +33,20 @@ def _dense(
     n = flat.numel()
     _memory.guard(where, n, flat.dtype, flat.device, chunk_size, max_bytes)
     grad_flat = jacrev(flat_f)
-    mode = _context.traced_mode(mode)
-    with _context.second_order_kernels():
+
+    def product(mode: str) -> torch.Tensor:
         if mode == "fwd-rev":
+            return rows_over_basis(
+                vmap(lambda t: jvp(grad_flat, (flat,), (t,))[1]), flat, chunk_size
+            )
+        pullback = vjp(grad_flat, flat)[1]
+        return rows_over_basis(vmap(lambda t: pullback(t)[0]), flat, chunk_size)
 
-            def product(t: torch.Tensor) -> torch.Tensor:
-                return jvp(grad_flat, (flat,), (t,))[1]
-
-        else:
-            pullback = vjp(grad_flat, flat)[1]
-
-            def product(t: torch.Tensor) -> torch.Tensor:
-                return pullback(t)[0]
-
-        return rows_over_basis(where, vmap(product), flat, chunk_size)
+    return _context.evaluate(where, mode, product, hessian=True)
 
 
 def rows_over_basis(
-    where: str,
-    batched: Callable[[torch.Tensor], torch.Tensor],
-    flat: torch.Tensor,
-    chunk_size: int | None,
+    batched: Callable[[torch.Tensor], torch.Tensor], flat: torch.Tensor, chunk_size: int | None
 ) -> torch.Tensor:
     """The ``(n, n)`` matrix whose row ``i`` is ``batched`` applied to :math:`e_i`.
 
@@ -63,12 +56,11 @@ def rows_over_basis(
     """
     n = flat.numel()
     if chunk_size is None or chunk_size >= n:
-        return _context.with_fwd_hint(where, lambda: batched(_basis(0, n, n, flat)))
+        return batched(_basis(0, n, n, flat))
     out = torch.empty(n, n, dtype=flat.dtype, device=flat.device)
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
-        basis = _basis(start, stop, n, flat)
-        out[start:stop] = _context.with_fwd_hint(where, lambda b=basis: batched(b))
+        out[start:stop] = batched(_basis(start, stop, n, flat))
     return out
 
 

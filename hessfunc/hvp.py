@@ -72,11 +72,13 @@ def hvp(
     _checks.check_params(where, params)
     _checks.check_like(where, params, v)
     grad_fn = _grad_fn(where, f, args)
-    mode = _context.traced_mode(mode)
-    with _context.second_order_kernels():
+
+    def product(mode: str) -> PyTree:
         if mode == "fwd-rev":
-            return _context.with_fwd_hint(where, lambda: jvp(grad_fn, (params,), (v,))[1])
+            return jvp(grad_fn, (params,), (v,))[1]
         return vjp(grad_fn, params)[1](v)[0]
+
+    return _context.evaluate(where, mode, product, hessian=True)
 
 
 def hvps(
@@ -121,10 +123,11 @@ def hvps(
     _checks.check_params(where, params)
     _checks.check_like(where, params, vs, "vs", batched=True)
     grad_fn = _grad_fn(where, f, args)
-    mode = _context.traced_mode(mode)
-    with _context.second_order_kernels():
+
+    def product(mode: str) -> PyTree:
         if mode == "fwd-rev":
-            one = lambda t: jvp(grad_fn, (params,), (t,))[1]  # noqa: E731
-            return _context.with_fwd_hint(where, lambda: vmap(one, chunk_size=chunk_size)(vs))
+            return vmap(lambda t: jvp(grad_fn, (params,), (t,))[1], chunk_size=chunk_size)(vs)
         pullback = vjp(grad_fn, params)[1]
         return vmap(lambda t: pullback(t)[0], chunk_size=chunk_size)(vs)
+
+    return _context.evaluate(where, mode, product, hessian=True)

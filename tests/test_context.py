@@ -1,0 +1,76 @@
+"""The second-order evaluation context: ops with unsound forward-mode AD are evaluated in
+reverse mode, and missing derivatives get errors that advise only what can work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close
+
+import hessfunc
+from hessfunc.losses import MSELoss
+
+MODES = ("fwd-rev", "rev-rev")
+INDEX = torch.tensor([0, 0, 2, 1, 2])
+
+
+def scatter_prod(x):
+    base = torch.linspace(0.5, 1.5, 3)
+    return torch.scatter_reduce(base, 0, INDEX, x, reduce="prod", include_self=True)
+
+
+def test_scatter_reduce_prod_forward_ad_is_wrong_upstream():
+    # the negative control: plain torch.func forward mode returns a zero tangent (pytorch#196702)
+    x = torch.linspace(0.3, 1.2, 5)
+    tangent = torch.func.jvp(scatter_prod, (x,), (torch.ones(5),))[1]
+    assert float(tangent.abs().max()) == 0.0
+    assert float(torch.autograd.functional.jvp(scatter_prod, x, torch.ones(5))[1].abs().max()) > 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_unsound_forward_ad_is_evaluated_in_reverse_mode(mode):
+    x = torch.linspace(0.3, 1.2, 5)
+    v = torch.linspace(-1.0, 1.0, 5)
+    f = lambda x: scatter_prod(x).pow(2).sum()
+    H = torch.autograd.functional.hessian(f, x)
+    assert_close(hessfunc.hvp(f, x, v, mode=mode), H @ v)
+    assert_close(hessfunc.hessian_matrix(f, x, mode=mode), H)
+    # the GGN's forward mode carries J v through the model: the same op, the same route
+    J = torch.autograd.functional.jacobian(scatter_prod, x)
+    loss = MSELoss(torch.zeros(3), reduction="sum")
+    assert_close(hessfunc.ggn_vp(lambda x: scatter_prod(x), loss, x, v, mode=mode), 2 * J.T @ J @ v)
+
+
+def test_the_route_also_catches_the_tensor_method():
+    x = torch.linspace(0.3, 1.2, 5)
+    f = lambda x: torch.ones(3).scatter_reduce(0, INDEX, x, "prod").pow(2).sum()
+    H = torch.autograd.functional.hessian(f, x)
+    assert_close(hessfunc.hvp(f, x, torch.ones(5)), H.sum(1))
+
+
+@pytest.mark.parametrize(
+    "f, op",
+    [
+        (lambda x: F.hardsigmoid(x).pow(2).sum(), "hardsigmoid_backward"),
+        (
+            lambda w: (
+                F.embedding_bag(torch.tensor([0, 1, 2]), w, torch.tensor([0, 1])).pow(2).sum()
+            ),
+            "embedding_bag",
+        ),
+    ],
+    ids=["hardsigmoid", "embedding_bag"],
+)
+def test_ops_without_second_derivatives_get_errors_that_do_not_promise_the_other_mode(f, op):
+    p = torch.randn(4, 3)
+    with pytest.raises(NotImplementedError) as fwd:
+        hessfunc.hvp(f, p, torch.ones_like(p))
+    with pytest.raises(NotImplementedError) as rev:
+        hessfunc.hvp(f, p, torch.ones_like(p), mode="rev-rev")
+    for err, needs in ((fwd, "forward-mode AD"), (rev, "double backward")):
+        msg = str(err.value)
+        assert msg.startswith("hessfunc.hvp(f, params, v, *args)") and op in msg, msg
+        assert f"no {needs}" in msg
+        assert "works if the op has" in msg and "hessfunc.check_hvp" in msg
+        assert "same result" not in msg
