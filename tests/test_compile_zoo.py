@@ -212,13 +212,23 @@ def run_case(arch: str, product: str, dtype: torch.dtype, threads: int) -> None:
                 compiled(p, v, w, x, y)
             return
         got = compiled(p, v, w, x, y)
-        if kind == "fd":  # the same stencil, evaluated eagerly in the same dtype
-            expected = fn(p, v, w, x, y)
+        same_dtype = fn(p, v, w, x, y)  # eager, in the compiled dtype
+        if kind == "fd":  # finite differences: the same stencil, evaluated eagerly
+            expected, eager_err = same_dtype, 0.0
         else:
             fn64, _ = products(apply64, spec.per_sample, float_inputs, torch.float64)[product]
             expected = fn64(p64, v64, w64, x64, y)
+            eager_err = relative_error(same_dtype, expected)
+    # A product whose float32 rounding is amplified (a few CG steps on an ill-conditioned
+    # system) may differ from float64 by more than RTOL in eager code too; the compiled result
+    # may then be as far off as eager float32 is, with a margin, never more. The miscompiles
+    # this zoo is for are errors of order one.
+    assert eager_err < 1e-2, f"{arch} {product}: eager {dtype} is {eager_err:.3g} off float64"
     err = relative_error(got, expected)
-    assert err <= RTOL[(kind, dtype)], f"{arch} {product} {dtype} threads={threads}: {err:.3g}"
+    allowed = max(RTOL[(kind, dtype)], 10 * eager_err)
+    assert err <= allowed, (
+        f"{arch} {product} {dtype} threads={threads}: {err:.3g} (eager {dtype}: {eager_err:.3g})"
+    )
 
 
 def _names(arch: str) -> list[str]:
