@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.func import jacrev, jvp, vjp, vmap
 
-from . import _checks, _memory, _tree
+from . import _checks, _memory, _progress, _tree
 from ._types import Mode, PyTree
 from .hvp import _with_fwd_hint
 
@@ -66,7 +66,8 @@ def rows_over_basis(
     if chunk_size is None or chunk_size >= n:
         return _with_fwd_hint(where, lambda: batched(_basis(0, n, n, flat)))
     out = torch.empty(n, n, dtype=flat.dtype, device=flat.device)
-    for start in range(0, n, chunk_size):
+    starts = _progress.track(range(0, n, chunk_size), where=where, desc="dense chunks")
+    for start in starts:
         stop = min(start + chunk_size, n)
         basis = _basis(start, stop, n, flat)
         out[start:stop] = _with_fwd_hint(where, lambda b=basis: batched(b))
