@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ._unwrap import unwrap_module
+
 __all__ = ["from_module"]
 
 _DROPOUT = (
@@ -86,6 +88,8 @@ def from_module(module: nn.Module) -> tuple[Callable[..., Any], dict[str, torch.
         raise TypeError(
             f"hessfunc.from_module(module): expected an nn.Module, got {type(module).__name__}."
         )
+    # DDP / DataParallel / torch.compile wrappers: differentiate the model inside them.
+    module = unwrap_module(module, "hessfunc.from_module(module)")
     trainable = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
     frozen_names = [n for n, p in module.named_parameters() if not p.requires_grad]
     expected = set(trainable)
