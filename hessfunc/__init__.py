@@ -19,6 +19,7 @@ from .hessian import hessian as hessian
 from .hessian import hessian_matrix as hessian_matrix
 from .hvp import hvp as hvp
 from .hvp import hvps as hvps
+from .linop import to_scipy as to_scipy
 from .module import from_module as from_module
 from .solvers import CGResult as CGResult
 from .solvers import NewtonCGResult as NewtonCGResult
@@ -52,4 +53,5 @@ __all__ = [
     "newton_cg_step",
     "per_sample_grads",
     "ravel",
+    "to_scipy",
 ]
