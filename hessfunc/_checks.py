@@ -217,6 +217,15 @@ _FWD_AD_MARKERS = ("forward AD", "forward mode AD", "jvp function")
 def forward_ad_hint(where: str, err: BaseException) -> NotImplementedError | None:
     """A hessfunc error for an op inside ``f`` that lacks forward-mode AD, else ``None``."""
     msg = str(err)
+    if "_has_same_storage_numel" in msg and "sharding strategy" in msg:
+        # DTensor (FSDP2 / tensor-parallel parameters): forward mode's make_dual has no
+        # sharding rule on current torch (pytorch#182641), for any op inside f.
+        return NotImplementedError(
+            f"{where}: forward-mode AD has no DTensor sharding rules on current torch "
+            "(pytorch#182641), so mode='fwd-rev' cannot run on sharded parameters. Pass "
+            "mode='rev-rev'; for ggn_vp also pass a hessfunc.losses object as loss_fn (an "
+            "autodiff loss takes its output-space product by forward mode)."
+        )
     if not any(m in msg for m in _FWD_AD_MARKERS):
         return None
     first = msg.strip().splitlines()[0] if msg.strip() else type(err).__name__
