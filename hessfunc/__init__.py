@@ -1,5 +1,7 @@
 """hessfunc: exact and matrix-free curvature for PyTorch, as pure functions over pytrees."""
 
+from . import data as data
+from . import distributed as distributed
 from . import losses as losses
 from ._tree import ravel as ravel
 from .check import CheckReport as CheckReport
@@ -36,6 +38,8 @@ __all__ = [
     "check_grad",
     "check_hessian",
     "check_hvp",
+    "data",
+    "distributed",
     "fd_grad",
     "fd_hessian_matrix",
     "fd_hvp",
