@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -112,6 +112,7 @@ def _accumulate(
     batch); both are combined into one 0-d tensor at the end.
     """
     total = spec = None
+    owned = False  # whether `total` is our own buffer (fn's first output may alias user state)
     int_count, tensor_count = 0, None
     norms = None
     seen = 0
@@ -132,7 +133,10 @@ def _accumulate(
                     f"0 ({_tree.tree_structure(out)} vs {spec}); every batch's product must have "
                     "the same structure."
                 )
-            total = _tree.add(total, out)
+            if owned:
+                total = _tree.tree_map(lambda acc, x: acc.add_(x), total, out)
+            else:
+                total, owned = _tree.add(total, out), True
         if magnitude:
             norm = torch.sqrt(_tree.vdot(out, out).detach().to(torch.float64))
             norms = norm if norms is None else norms + norm
@@ -310,7 +314,7 @@ def mean_over(
     return _mean(where, fn, batches, count, reduce, like, progress)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DatasetOperator:
     """A linear operator ``v -> product over the dataset``, made by :func:`linear_operator`.
 
@@ -321,7 +325,7 @@ class DatasetOperator:
     """
 
     product: Callable[..., PyTree]
-    batches: Iterable[Any]
+    batches: Iterable[Any] = field(repr=False)
     count: Count | None = None
     reduce: Reduce | None = None
     batched: Callable[..., PyTree] | None = None

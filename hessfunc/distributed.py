@@ -205,6 +205,7 @@ def unwrap(module: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------- sharded models
 
 _HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+_FSDP_FLAGS = ("_is_fsdp_managed_module", "_fsdp_use_orig_params")
 _HOOK_FLAGS = {
     "_forward_pre_hooks_with_kwargs": "_forward_pre_hooks",
     "_forward_hooks_with_kwargs": "_forward_hooks",
@@ -241,7 +242,7 @@ def _hook_free_copy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     state = {
         k: v
         for k, v in module.__dict__.items()
-        if not (k.startswith("__composable_api_state_key") or "fsdp" in k.lower())
+        if not (k.startswith("__composable_api_state_key") or k in _FSDP_FLAGS)
     }
     for key in _HOOKS:
         if key in state:
