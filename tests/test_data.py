@@ -203,6 +203,14 @@ def test_like_gives_zeros_for_an_empty_pass(problem):
     assert_close(sum_over(summed, [], like=params), _tree.zeros_like(params))
 
 
+def test_the_sum_never_writes_into_what_fn_returns():
+    w = {"a": torch.ones(2)}
+    out = sum_over(lambda i: w, [(1,), (2,), (3,)])
+    assert torch.equal(w["a"], torch.ones(2)) and torch.equal(out["a"], 3 * torch.ones(2))
+    op = linear_operator(lambda v, i: v, [(1,), (2,)])
+    assert "batches" not in repr(op)
+
+
 def test_errors_name_the_function_and_the_fix(problem):
     apply, params, v, X, y = problem
     summed, _ = _products(apply, params, v)["grad"]
