@@ -341,17 +341,29 @@ def _sharded_batched(vs, params):
 
 
 @check
-def cg_on_dtensor_vectors_is_not_supported_yet(rank, world):
-    """hessfunc's own limitation, documented in the README: cg mixes plain and DTensor scalars."""
-    from torch.distributed.tensor import Replicate, distribute_tensor
+def cg_runs_on_sharded_products(rank, world):
+    from torch.distributed.fsdp import fully_shard
 
-    b = {"w": distribute_tensor(torch.ones(4), _mesh(world), [Replicate()])}
-    try:
-        hessfunc.cg(lambda v: v, b, maxiter=2)
-    except RuntimeError as err:
-        assert "mixed torch.Tensor and DTensor" in str(err), err
-    else:
-        raise AssertionError("cg runs on DTensor vectors now: update the README")
+    mesh = _mesh(world)
+    model = net()
+    X, y = data()
+    ref_apply, ref_params = hessfunc.from_module(copy.deepcopy(model))
+    ref_f = lambda p, X, y: F.cross_entropy(ref_apply(p, X), y)  # noqa: E731
+    B = direction(ref_params)
+    expected = hessfunc.cg(
+        lambda u: hessfunc.hvp(ref_f, ref_params, u, X, y), B, maxiter=10, damping=0.5
+    )
+    fully_shard(model, mesh=mesh)
+    apply, params = from_sharded(model)
+    f = lambda p, X, y: F.cross_entropy(apply(p, X), y)  # noqa: E731
+    Xr, yr = replicate_batch((X, y), mesh)
+    res = hessfunc.cg(
+        lambda u: hessfunc.hvp(f, params, u, Xr, yr, mode="rev-rev"),
+        _sharded_like(B, params),
+        maxiter=10,
+        damping=0.5,
+    )
+    close(full(res.x), expected.x, rtol=1e-9, atol=1e-10)
 
 
 # ----------------------------------------------------------------------------- upstream pins
