@@ -434,7 +434,9 @@ def upstream_fsdp2_and_tp_hooks_fail_under_transforms(rank, world):
 # ----------------------------------------------------------------------------- running
 
 
-def run_rank(rank: int, world: int, init: str | None, out: str | None, only: list[str]) -> dict:
+def run_rank(
+    rank: int, world: int, init: str | None, out: str | None, only: list[str]
+) -> list[dict]:
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
     timeout = timedelta(seconds=60)
@@ -444,9 +446,17 @@ def run_rank(rank: int, world: int, init: str | None, out: str | None, only: lis
         store = dist.FileStore(init, world)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
     results = {}
+
+    def save() -> None:  # after every check, so a rank that dies still says where it was
+        if out is not None:
+            with open(f"{out}.{rank}", "w") as fh:
+                json.dump(results, fh)
+
     for name, fn in CHECKS.items():
         if only and name not in only:
             continue
+        results[name] = {"outcome": "started, did not finish", "seconds": None}
+        save()
         start = time.perf_counter()
         try:
             fn(rank, world)
@@ -454,38 +464,56 @@ def run_rank(rank: int, world: int, init: str | None, out: str | None, only: lis
         except Exception:  # noqa: BLE001 - reported per check
             outcome = traceback.format_exc()
         results[name] = {"outcome": outcome, "seconds": round(time.perf_counter() - start, 3)}
-        dist.barrier()
+        save()
+        dist.barrier()  # the next check starts together on every rank
+    everyone = [results]
+    if out is None:  # under torchrun rank 0 reports every rank's outcome
+        everyone = [None] * world
+        dist.all_gather_object(everyone, results)
     dist.destroy_process_group()
-    if out is not None:
-        with open(f"{out}.{rank}", "w") as fh:
-            json.dump(results, fh)
-    return results
+    return everyone
 
 
 def launch(world: int = 2, only: tuple[str, ...] = (), timeout: float = 240) -> list[dict]:
-    """Start ``world`` ranks of this file, wait, and return each rank's results."""
+    """Start ``world`` ranks of this file, wait, and return each rank's results.
+
+    A rank that crashed or hung reports the checks it finished, the one it was in (outcome
+    ``"started, did not finish"``), and the end of its stderr under the key ``"<exit>"``.
+    """
     tmp = tempfile.mkdtemp(prefix="hessfunc-dist-")
     store, out = os.path.join(tmp, "store"), os.path.join(tmp, "results")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, os.path.abspath(__file__), "--world", str(world), "--init", store]
     cmd += ["--out", out, *[f"--only={name}" for name in only]]
-    procs = [subprocess.Popen([*cmd, "--rank", str(r)], env=env) for r in range(world)]
+    logs = [open(os.path.join(tmp, f"stderr.{r}"), "w+") for r in range(world)]
+    procs = [
+        subprocess.Popen([*cmd, "--rank", str(r)], env=env, stderr=logs[r]) for r in range(world)
+    ]
     deadline = time.monotonic() + timeout
     try:
         for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+            try:
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                break
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+                p.wait()
     results = []
     for r, p in enumerate(procs):
-        path = f"{out}.{r}"
-        if p.returncode != 0 or not os.path.exists(path):
-            raise RuntimeError(f"rank {r} exited with {p.returncode} and no results")
-        with open(path) as fh:
-            results.append(json.load(fh))
+        ranked = {}
+        if os.path.exists(f"{out}.{r}"):
+            with open(f"{out}.{r}") as fh:
+                ranked = json.load(fh)
+        if p.returncode != 0:
+            logs[r].seek(0)
+            tail = "".join(line for line in logs[r] if "Warning" not in line)[-3000:]
+            ranked["<exit>"] = {"outcome": f"exit code {p.returncode}; stderr:\n{tail}"}
+        logs[r].close()
+        results.append(ranked)
     return results
 
 
@@ -498,10 +526,10 @@ def main() -> int:
     parser.add_argument("--only", action="append", default=[])
     args = parser.parse_args()
     if "RANK" in os.environ and args.rank is None:  # started by torchrun
-        results = run_rank(
+        everyone = run_rank(
             int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), None, None, args.only
         )
-        ranks = [results] if int(os.environ["RANK"]) == 0 else []
+        ranks = everyone if int(os.environ["RANK"]) == 0 else []
     elif args.rank is not None:
         run_rank(args.rank, args.world, args.init, args.out, args.only)
         return 0
@@ -510,9 +538,11 @@ def main() -> int:
         ranks = launch(args.world, tuple(args.only))
         print(f"{args.world} ranks, {time.perf_counter() - start:.1f} s in all")
     failed = 0
-    for name in ranks[0] if ranks else []:
-        outcomes = [results[name]["outcome"] for results in ranks]
-        seconds = max(results[name]["seconds"] for results in ranks)
+    names = list(dict.fromkeys(name for results in ranks for name in results))
+    for name in names:
+        missing = {"outcome": "not reached", "seconds": None}
+        outcomes = [results.get(name, missing)["outcome"] for results in ranks]
+        seconds = max((results.get(name, missing)["seconds"] or 0) for results in ranks)
         ok = all(o == "ok" for o in outcomes)
         failed += not ok
         print(f"{'ok  ' if ok else 'FAIL'} {seconds:6.2f} s  {name}")

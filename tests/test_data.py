@@ -372,6 +372,14 @@ def test_dense_chunks_get_a_progress_bar(monkeypatch):
     assert bars == [dict(desc="dense chunks", total=3, leave=False, delay=1.0)]
 
 
+@pytest.mark.compile
+def test_chunked_dense_matrix_still_compiles_as_one_graph(monkeypatch):
+    monkeypatch.setenv("HESSFUNC_PROGRESS", "1")  # a bar would be wanted, but not while tracing
+    f = lambda th: (th**4).sum()  # noqa: E731
+    compiled = torch.compile(lambda t: hessfunc.hessian_matrix(f, t, chunk_size=2), fullgraph=True)
+    torch.testing.assert_close(compiled(torch.ones(6)), 12 * torch.eye(6))
+
+
 # ----------------------------------------------------------------------------- optional imports
 
 _BLOCK = """

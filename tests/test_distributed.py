@@ -23,9 +23,15 @@ def results():
 
 @pytest.mark.parametrize("name", list(dist_checks.CHECKS))
 def test_two_ranks(results, name):
-    failures = [
-        f"rank {rank}:\n{ranked[name]['outcome']}"
-        for rank, ranked in enumerate(results)
-        if ranked[name]["outcome"] != "ok"
-    ]
+    failures = []
+    for rank, ranked in enumerate(results):
+        outcome = ranked.get(name, {"outcome": "not reached"})["outcome"]
+        if outcome != "ok":
+            exit_note = ranked.get("<exit>", {}).get("outcome", "")
+            failures.append(f"rank {rank}: {outcome}\n{exit_note}")
     assert not failures, "\n".join(failures)
+
+
+def test_both_ranks_exited_cleanly(results):
+    exits = [r["<exit>"]["outcome"] for r in results if "<exit>" in r]
+    assert not exits, "\n".join(exits)
