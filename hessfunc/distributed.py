@@ -16,8 +16,9 @@ collective per rank, whatever happened locally.
 **Why the collective stays outside every transform and compiled region.** A reduction inside
 ``fn`` would run under ``grad`` / ``jvp`` / ``vmap``, and on torch 2.13 collectives there are
 wrong or fail: the functional all-reduce raises under ``grad`` (its autograd function has no
-``setup_context``), returns a *zero tangent* under ``jvp``, and under ``vmap`` returns the
-un-reduced input; the deprecated ``torch.distributed.nn.functional.all_reduce`` raises under all
+``setup_context``), returns a *zero tangent* under ``jvp``, and under ``vmap`` has no
+batching rule: the fallback stacks buffers it never waits for (the un-reduced inputs, in probes
+here); the deprecated ``torch.distributed.nn.functional.all_reduce`` raises under all
 three (pinned in ``tests/dist_checks.py``). The sum over ranks of the products equals the product
 of the summed loss, so nothing is lost by reducing afterwards, and the reduction then costs one
 collective per product instead of one per layer and per transform level. :class:`AllReduce`

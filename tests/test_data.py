@@ -380,6 +380,20 @@ def test_chunked_dense_matrix_still_compiles_as_one_graph(monkeypatch):
     torch.testing.assert_close(compiled(torch.ones(6)), 12 * torch.eye(6))
 
 
+def test_public_functions_of_the_namespaces_document_returns_cost_and_example():
+    import inspect
+
+    for module in (hessfunc.data, hessfunc.distributed):
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if inspect.isfunction(obj) or name == "AllReduce":
+                doc = inspect.getdoc(obj) or ""
+                for part in ("Returns:", "Cost:", "Example:"):
+                    assert part in doc, (module.__name__, name, part)
+                if inspect.isfunction(obj):
+                    assert inspect.signature(obj).return_annotation is not inspect._empty, name
+
+
 # ----------------------------------------------------------------------------- optional imports
 
 _BLOCK = """
