@@ -37,9 +37,9 @@ import torch
 from torch import nn
 from torch.func import vmap
 
-from . import _progress, _tree
+from . import _passes, _progress, _tree
+from ._passes import Count, Reduce
 from ._types import PyTree
-from ._unwrap import unwrap_module
 
 __all__ = [
     "DatasetOperator",
@@ -49,176 +49,6 @@ __all__ = [
     "mean_over",
     "sum_over",
 ]
-
-Reduce = Callable[[PyTree], PyTree]
-Count = Callable[..., "int | torch.Tensor"]
-
-
-def _call(fn: Callable[..., Any], batch: Any) -> Any:
-    """``fn(*batch)`` for a plain tuple or list, ``fn(batch)`` for anything else."""
-    if isinstance(batch, (tuple, list)) and not hasattr(batch, "_fields"):
-        return fn(*batch)
-    return fn(batch)
-
-
-def _check_callable(where: str, name: str, fn: Any, signature: str) -> None:
-    if not callable(fn):
-        raise TypeError(
-            f"{where}: {name} must be callable as {signature}, got {type(fn).__name__}."
-        )
-
-
-def _check_batches(where: str, batches: Any, *, reiterable: bool) -> None:
-    try:
-        it = iter(batches)
-    except TypeError:
-        raise TypeError(
-            f"{where}: batches must be iterable (a DataLoader, a list of tuples), got "
-            f"{type(batches).__name__}."
-        ) from None
-    if reiterable and it is batches:
-        raise TypeError(
-            f"{where}: batches is an iterator ({type(batches).__name__}), which is used up after "
-            "one pass, so a second pass would see no data. Pass a re-iterable: the DataLoader "
-            "itself, or list(batches)."
-        )
-
-
-def _leaf_device(tree: PyTree) -> torch.device:
-    leaves = _tree.tree_leaves(tree)
-    return leaves[0].device if leaves else torch.device("cpu")
-
-
-class _Pass(NamedTuple):
-    total: PyTree
-    count: torch.Tensor | None
-    magnitude: torch.Tensor | None
-    batches: int
-
-
-def _accumulate(
-    where: str,
-    fn: Callable[..., PyTree],
-    batches: Iterable[Any],
-    *,
-    count: Count | None,
-    like: PyTree | None,
-    progress: bool | None,
-    magnitude: bool = False,
-) -> _Pass:
-    """One pass: the sum of ``fn`` over batches, the sum of counts, optionally ``sum ||fn||``.
-
-    Counts that are Python ints stay Python ints and tensors stay tensors (no host sync per
-    batch); both are combined into one 0-d tensor at the end.
-    """
-    total = spec = None
-    owned = False  # whether `total` is our own buffer (fn's first output may alias user state)
-    int_count, tensor_count = 0, None
-    norms = None
-    seen = 0
-    for batch in _progress.track(batches, where=where, desc=where.split("(")[0], progress=progress):
-        out = _call(fn, batch)
-        leaves = _tree.tree_leaves(out)
-        if not leaves or not all(isinstance(x, torch.Tensor) for x in leaves):
-            raise TypeError(
-                f"{where}: fn must return a tensor or a non-empty pytree of tensors; batch {seen} "
-                f"gave {type(out).__name__}."
-            )
-        if total is None:
-            total, spec = out, _tree.tree_structure(out)
-        else:
-            if _tree.tree_structure(out) != spec:
-                raise ValueError(
-                    f"{where}: fn returned a different structure for batch {seen} than for batch "
-                    f"0 ({_tree.tree_structure(out)} vs {spec}); every batch's product must have "
-                    "the same structure."
-                )
-            if owned:
-                total = _tree.tree_map(lambda acc, x: acc.add_(x), total, out)
-            else:
-                total, owned = _tree.add(total, out), True
-        if magnitude:
-            norm = torch.sqrt(_tree.vdot(out, out).detach().to(torch.float64))
-            norms = norm if norms is None else norms + norm
-        if count is not None:
-            c = _call(count, batch)
-            if isinstance(c, bool) or not (
-                isinstance(c, int) or (isinstance(c, torch.Tensor) and c.dim() == 0)
-            ):
-                raise TypeError(
-                    f"{where}: count must return a Python int or a 0-d tensor (e.g. len(y) or "
-                    f"(y != -100).sum()); batch {seen} gave {c!r:.80}."
-                )
-            if isinstance(c, int):
-                int_count += c
-            else:
-                tensor_count = c if tensor_count is None else tensor_count + c
-        seen += 1
-    if total is None:
-        if like is None:
-            raise ValueError(
-                f"{where}: batches yielded no batch. With reduce= across processes, pass like= "
-                "(a pytree shaped like fn's output, e.g. params) so a process without data still "
-                "joins the reduction with zeros instead of leaving the others waiting."
-            )
-        total = _tree.zeros_like(like)
-    device = _leaf_device(total)
-    counted = None
-    if count is not None:
-        if tensor_count is None:
-            counted = torch.tensor(int_count, dtype=torch.int64, device=device)
-        else:
-            counted = (tensor_count + int_count).to(device)
-    if magnitude and norms is None:
-        norms = torch.zeros((), dtype=torch.float64, device=device)
-    return _Pass(total, counted, norms, seen)
-
-
-def _check_reduce(where: str, reduce: Any) -> None:
-    if reduce is not None and not callable(reduce):
-        raise TypeError(
-            f"{where}: reduce must be None or callable as reduce(tree) -> tree (e.g. "
-            f"hessfunc.distributed.AllReduce()), got {type(reduce).__name__}."
-        )
-
-
-def _divide(where: str, total: PyTree, counted: torch.Tensor) -> PyTree:
-    if hasattr(counted, "full_tensor"):  # a DTensor count from sharded batches
-        counted = counted.full_tensor()
-    n = counted.item()  # the one host synchronisation of a pass
-    if not n > 0:
-        raise ValueError(
-            f"{where}: the total count is {n}; count must give the number of examples (or "
-            "non-ignored tokens) in each batch, and at least one must be counted."
-        )
-    return _tree.tree_map(lambda x: x / n, total)
-
-
-def _sum(
-    where: str,
-    fn: Callable[..., PyTree],
-    batches: Iterable[Any],
-    reduce: Reduce | None,
-    like: PyTree | None,
-    progress: bool | None,
-) -> PyTree:
-    acc = _accumulate(where, fn, batches, count=None, like=like, progress=progress)
-    return acc.total if reduce is None else reduce(acc.total)
-
-
-def _mean(
-    where: str,
-    fn: Callable[..., PyTree],
-    batches: Iterable[Any],
-    count: Count,
-    reduce: Reduce | None,
-    like: PyTree | None,
-    progress: bool | None,
-) -> PyTree:
-    acc = _accumulate(where, fn, batches, count=count, like=like, progress=progress)
-    # One reduction for the sum and the count together: AllReduce packs them into one buffer.
-    total, counted = (acc.total, acc.count) if reduce is None else reduce((acc.total, acc.count))
-    return _divide(where, total, counted)
 
 
 def sum_over(
@@ -261,10 +91,10 @@ def sum_over(
         tensor([60.])
     """
     where = "hessfunc.data.sum_over(fn, batches)"
-    _check_callable(where, "fn", fn, "fn(*batch) -> pytree")
-    _check_batches(where, batches, reiterable=False)
-    _check_reduce(where, reduce)
-    return _sum(where, fn, batches, reduce, like, progress)
+    _passes.check_callable(where, "fn", fn, "fn(*batch) -> pytree")
+    _passes.check_batches(where, batches, reiterable=False)
+    _passes.check_reduce(where, reduce)
+    return _passes.sum_pass(where, fn, batches, reduce, like, progress)
 
 
 def mean_over(
@@ -307,11 +137,11 @@ def mean_over(
         tensor(3.)
     """
     where = "hessfunc.data.mean_over(fn, batches, count=...)"
-    _check_callable(where, "fn", fn, "fn(*batch) -> pytree")
-    _check_callable(where, "count", count, "count(*batch) -> int or 0-d tensor")
-    _check_batches(where, batches, reiterable=False)
-    _check_reduce(where, reduce)
-    return _mean(where, fn, batches, count, reduce, like, progress)
+    _passes.check_callable(where, "fn", fn, "fn(*batch) -> pytree")
+    _passes.check_callable(where, "count", count, "count(*batch) -> int or 0-d tensor")
+    _passes.check_batches(where, batches, reiterable=False)
+    _passes.check_reduce(where, reduce)
+    return _passes.mean_pass(where, fn, batches, count, reduce, like, progress)
 
 
 @dataclass(frozen=True, eq=False)
@@ -334,8 +164,10 @@ class DatasetOperator:
     def _over(self, method: str, fn: Callable[..., PyTree], like: PyTree) -> PyTree:
         where = f"hessfunc.data.linear_operator(product, batches).{method}"
         if self.count is None:
-            return _sum(where, fn, self.batches, self.reduce, like, self.progress)
-        return _mean(where, fn, self.batches, self.count, self.reduce, like, self.progress)
+            return _passes.sum_pass(where, fn, self.batches, self.reduce, like, self.progress)
+        return _passes.mean_pass(
+            where, fn, self.batches, self.count, self.reduce, like, self.progress
+        )
 
     def matvec(self, v: PyTree) -> PyTree:
         """The product with one direction ``v`` (a pytree like the parameters)."""
@@ -410,13 +242,13 @@ def linear_operator(
         True
     """
     where = "hessfunc.data.linear_operator(product, batches)"
-    _check_callable(where, "product", product, "product(v, *batch) -> pytree like v")
+    _passes.check_callable(where, "product", product, "product(v, *batch) -> pytree like v")
     if count is not None:
-        _check_callable(where, "count", count, "count(*batch) -> int or 0-d tensor")
+        _passes.check_callable(where, "count", count, "count(*batch) -> int or 0-d tensor")
     if batched is not None:
-        _check_callable(where, "batched", batched, "batched(vs, *batch) -> pytree like vs")
-    _check_batches(where, batches, reiterable=True)
-    _check_reduce(where, reduce)
+        _passes.check_callable(where, "batched", batched, "batched(vs, *batch) -> pytree like vs")
+    _passes.check_batches(where, batches, reiterable=True)
+    _passes.check_reduce(where, reduce)
     _progress.wanted(where, progress)
     return DatasetOperator(product, batches, count, reduce, batched, progress)
 
@@ -445,88 +277,6 @@ class DeterminismReport(NamedTuple):
 
 RTOL: dict[torch.dtype, float] = {torch.float64: 1e-10, torch.float32: 1e-4}
 """Default ``rtol`` of :func:`check_deterministic` by the least precise dtype of the output."""
-
-
-def _loader_problems(batches: Any) -> list[str]:
-    """Shuffling with ``drop_last`` and padded distributed shards, read from a DataLoader."""
-    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
-
-    if not isinstance(batches, DataLoader):
-        return []
-    found = []
-    batch_sampler = batches.batch_sampler
-    sampler = getattr(batch_sampler, "sampler", batches.sampler)
-    drop_last = bool(batches.drop_last or getattr(batch_sampler, "drop_last", False))
-    shuffles = isinstance(sampler, RandomSampler)
-    if isinstance(sampler, DistributedSampler):
-        # DistributedSampler reshuffles only when set_epoch changes the epoch, so passes repeat;
-        # without drop_last it pads shards by repeating examples, which biases every product.
-        size = len(sampler.dataset)  # type: ignore[arg-type]
-        if not sampler.drop_last and size % sampler.num_replicas:
-            found.append(
-                f"the DistributedSampler pads {sampler.num_replicas - size % sampler.num_replicas}"
-                " repeated example(s) into the shards (drop_last=False), so they count twice. "
-                "Give each rank its own slice instead (e.g. a Subset of range(rank, N, world) "
-                "with a plain sampler), so every example counts once."
-            )
-        if sampler.drop_last and size % sampler.num_replicas:
-            found.append(
-                "the DistributedSampler drops examples (drop_last=True), so the product is not "
-                "over the whole dataset. Give each rank its own slice instead."
-            )
-    if shuffles and drop_last:
-        found.append(
-            "the DataLoader shuffles with drop_last=True, so every pass drops a different set "
-            "of examples and each product is of a different dataset. Use shuffle=False (the "
-            "order does not change a sum), or drop_last=False."
-        )
-    return found
-
-
-def _module_problems(modules: nn.Module | Iterable[nn.Module] | None) -> list[str]:
-    if modules is None:
-        return []
-    mods = [modules] if isinstance(modules, nn.Module) else list(modules)
-    found = []
-    for root in mods:
-        root = unwrap_module(root, "hessfunc.data.check_deterministic", allow_sharded=True)
-        for name, sub in root.named_modules():
-            label = name or type(root).__name__
-            if not sub.training:
-                continue
-            if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.p > 0:
-                found.append(
-                    f"{label} ({type(sub).__name__}(p={sub.p})) is active in training mode: every "
-                    "pass draws new masks. Call module.eval()."
-                )
-            elif isinstance(sub, nn.MultiheadAttention) and sub.dropout > 0:
-                found.append(
-                    f"{label} (MultiheadAttention(dropout={sub.dropout})) drops attention weights "
-                    "at random in training mode. Call module.eval()."
-                )
-            elif isinstance(sub, nn.modules.batchnorm._NormBase):
-                what = (
-                    "updates its running statistics on every forward and "
-                    if sub.track_running_stats
-                    else ""
-                )
-                found.append(
-                    f"{label} ({type(sub).__name__}) is in training mode: it {what}normalises "
-                    "with each batch's own statistics, so the product depends on how the data "
-                    "is batched. Call module.eval()."
-                )
-    return found
-
-
-def _buffers(modules: nn.Module | Iterable[nn.Module] | None) -> dict[str, torch.Tensor]:
-    if modules is None:
-        return {}
-    mods = [modules] if isinstance(modules, nn.Module) else list(modules)
-    return {
-        f"{i}:{name}": buf.detach().clone()
-        for i, m in enumerate(mods)
-        for name, buf in m.named_buffers()
-    }
 
 
 def check_deterministic(
@@ -588,16 +338,16 @@ def check_deterministic(
         (False, 2)
     """
     where = "hessfunc.data.check_deterministic(fn, batches)"
-    _check_callable(where, "fn", fn, "fn(*batch) -> pytree")
-    _check_batches(where, batches, reiterable=True)
-    _check_reduce(where, reduce)
+    _passes.check_callable(where, "fn", fn, "fn(*batch) -> pytree")
+    _passes.check_batches(where, batches, reiterable=True)
+    _passes.check_reduce(where, reduce)
     if rtol is not None and not (isinstance(rtol, (int, float)) and rtol > 0):
         raise ValueError(f"{where}: rtol must be None or a positive float, got {rtol!r}.")
-    problems = _loader_problems(batches) + _module_problems(module)
-    before = _buffers(module)
+    problems = _passes.loader_problems(batches) + _passes.module_problems(module)
+    before = _passes.buffer_copies(module)
 
-    def one_pass(magnitude: bool) -> _Pass:
-        return _accumulate(
+    def one_pass(magnitude: bool) -> _passes.Pass:
+        return _passes.accumulate(
             where, fn, batches, count=None, like=None, progress=progress, magnitude=magnitude
         )
 
@@ -632,7 +382,7 @@ def check_deterministic(
                 "loader. Fix the cause (eval mode, no shuffling with drop_last, a fixed "
                 "generator for Monte-Carlo products)."
             )
-    after = _buffers(module)
+    after = _passes.buffer_copies(module)
     changed = [k.split(":", 1)[1] for k, t in before.items() if not torch.equal(t, after[k])]
     if changed:
         problems.append(
