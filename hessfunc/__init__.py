@@ -1,5 +1,7 @@
 """hessfunc: exact and matrix-free curvature for PyTorch, as pure functions over pytrees."""
 
+from . import data as data
+from . import distributed as distributed
 from . import losses as losses
 from ._tree import ravel as ravel
 from .check import CheckReport as CheckReport
@@ -20,6 +22,7 @@ from .hessian import hessian as hessian
 from .hessian import hessian_matrix as hessian_matrix
 from .hvp import hvp as hvp
 from .hvp import hvps as hvps
+from .linop import to_scipy as to_scipy
 from .module import from_module as from_module
 from .solvers import CGResult as CGResult
 from .solvers import NewtonCGResult as NewtonCGResult
@@ -37,6 +40,8 @@ __all__ = [
     "check_grad",
     "check_hessian",
     "check_hvp",
+    "data",
+    "distributed",
     "fd_grad",
     "fd_hessian_matrix",
     "fd_hvp",
@@ -54,4 +59,5 @@ __all__ = [
     "newton_cg_step",
     "per_sample_grads",
     "ravel",
+    "to_scipy",
 ]

@@ -157,6 +157,14 @@ def ad_error_hint(where: str, mode: str, err: BaseException) -> NotImplementedEr
     """
     msg = str(err)
     first = _first_line(err)
+    if mode == "fwd-rev" and "_has_same_storage_numel" in msg and "sharding strategy" in msg:
+        # DTensor (FSDP2 / tensor-parallel parameters): forward mode's make_dual has no
+        # sharding rule on current torch (pytorch#182641), whatever op f calls.
+        return NotImplementedError(
+            f"{where}: forward-mode AD has no DTensor sharding rules on current torch "
+            "(pytorch#182641), so mode='fwd-rev' cannot run on sharded parameters. Pass "
+            "mode='rev-rev'."
+        )
     if mode == "fwd-rev" and any(m in msg for m in _FWD_AD_MARKERS):
         return NotImplementedError(
             f"{where}: an operation inside f has no forward-mode AD, which mode='fwd-rev' needs "

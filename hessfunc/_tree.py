@@ -219,3 +219,40 @@ def row_vdot(a: PyTree, b: PyTree) -> torch.Tensor:
 def row_scale(s: torch.Tensor, a: PyTree) -> PyTree:
     """Every leaf of ``a`` with row ``i`` of its leading axis multiplied by ``s[i]``."""
     return tree_map(lambda x: s.reshape(-1, *([1] * (x.dim() - 1))) * x, a)
+
+
+def ravel_rows(tree: PyTree) -> torch.Tensor:
+    """``(k, n)``: a pytree whose leaves share a leading axis of size ``k``, one raveled row each.
+
+    Row ``i`` is ``ravel`` of entry ``i`` along the leading axis (same leaf order and dtype
+    promotion as :func:`ravel`).
+    """
+    leaves = tree_leaves(tree)
+    dtype = leaves[0].dtype
+    for leaf in leaves[1:]:
+        dtype = torch.promote_types(dtype, leaf.dtype)
+    return torch.cat([leaf.reshape(leaf.shape[0], -1).to(dtype) for leaf in leaves], dim=1)
+
+
+def unravel_rows(like: PyTree) -> Callable[[torch.Tensor], PyTree]:
+    """The inverse of :func:`ravel_rows` for trees shaped like ``like`` plus a leading axis."""
+    leaves = tree_leaves(like)
+    shapes = [leaf.shape for leaf in leaves]
+    dtypes = [leaf.dtype for leaf in leaves]
+    sizes = [leaf.numel() for leaf in leaves]
+    template = tree_unflatten(tree_structure(like), list(range(len(leaves))))
+
+    def unravel(rows: torch.Tensor) -> PyTree:
+        if rows.dim() != 2 or rows.shape[1] != sum(sizes):
+            raise ValueError(
+                f"hessfunc: expected a (k, {sum(sizes)}) block of raveled rows, got "
+                f"{tuple(rows.shape)}."
+            )
+        parts = torch.split(rows, sizes, dim=1)
+        out = [
+            p.reshape(rows.shape[0], *s).to(d)
+            for p, s, d in zip(parts, shapes, dtypes, strict=True)
+        ]
+        return tree_unflatten(tree_structure(template), out)
+
+    return unravel

@@ -274,6 +274,6 @@ def ggn_matrix(
 
     def product(m: str) -> torch.Tensor:
         one = _ggn_product(where, lambda z, *a: model_fn(unravel(z), *a), loss_fn, m, args)
-        return rows_over_basis(vmap(lambda t: one(flat, t)), flat, chunk_size)
+        return rows_over_basis(where, vmap(lambda t: one(flat, t)), flat, chunk_size)
 
     return _context.evaluate(where, mode, product, hessian=False)

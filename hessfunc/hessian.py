@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.func import jacrev, jvp, vjp, vmap
 
-from . import _checks, _context, _memory, _tree
+from . import _checks, _context, _memory, _progress, _tree
 from ._types import Mode, PyTree
 
 __all__ = ["hessian", "hessian_matrix"]
@@ -36,29 +36,34 @@ def _dense(
 
     def product(mode: str) -> torch.Tensor:
         if mode == "fwd-rev":
-            return rows_over_basis(
-                vmap(lambda t: jvp(grad_flat, (flat,), (t,))[1]), flat, chunk_size
-            )
-        pullback = vjp(grad_flat, flat)[1]
-        return rows_over_basis(vmap(lambda t: pullback(t)[0]), flat, chunk_size)
+            rows = vmap(lambda t: jvp(grad_flat, (flat,), (t,))[1])
+        else:
+            pullback = vjp(grad_flat, flat)[1]
+            rows = vmap(lambda t: pullback(t)[0])
+        return rows_over_basis(where, rows, flat, chunk_size)
 
     return _context.evaluate(where, mode, product, hessian=True)
 
 
 def rows_over_basis(
-    batched: Callable[[torch.Tensor], torch.Tensor], flat: torch.Tensor, chunk_size: int | None
+    where: str,
+    batched: Callable[[torch.Tensor], torch.Tensor],
+    flat: torch.Tensor,
+    chunk_size: int | None,
 ) -> torch.Tensor:
     """The ``(n, n)`` matrix whose row ``i`` is ``batched`` applied to :math:`e_i`.
 
     ``batched`` maps a ``(k, n)`` block of basis vectors to ``(k, n)`` products. Without chunks
     the basis is built whole; with chunks the result is preallocated and filled block by block,
-    so only ``chunk_size`` basis rows exist at a time (what ``_memory.dense_bytes`` assumes).
+    so only ``chunk_size`` basis rows exist at a time (what ``_memory.dense_bytes`` assumes),
+    with a progress bar where one is wanted (``_progress``).
     """
     n = flat.numel()
     if chunk_size is None or chunk_size >= n:
         return batched(_basis(0, n, n, flat))
     out = torch.empty(n, n, dtype=flat.dtype, device=flat.device)
-    for start in range(0, n, chunk_size):
+    starts = _progress.track(range(0, n, chunk_size), where=where, desc="dense chunks")
+    for start in starts:
         stop = min(start + chunk_size, n)
         out[start:stop] = batched(_basis(start, stop, n, flat))
     return out

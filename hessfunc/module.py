@@ -13,6 +13,8 @@ from torch.nn.utils.parametrizations import _SpectralNorm as _SpectralNormParame
 from torch.nn.utils.spectral_norm import SpectralNorm as _SpectralNormHook
 from torch.nn.utils.weight_norm import WeightNorm as _WeightNormHook
 
+from ._unwrap import unwrap_module
+
 __all__ = ["from_module"]
 
 _DROPOUT = (
@@ -146,6 +148,8 @@ def from_module(module: nn.Module) -> tuple[Callable[..., Any], dict[str, torch.
         raise TypeError(
             f"hessfunc.from_module(module): expected an nn.Module, got {type(module).__name__}."
         )
+    # DDP / DataParallel / torch.compile wrappers: differentiate the model inside them.
+    module = unwrap_module(module, "hessfunc.from_module(module)")
     lazy = [
         name or "<root>"
         for name, sub in module.named_modules()
