@@ -6,6 +6,14 @@ from .check import CheckReport as CheckReport
 from .check import check_grad as check_grad
 from .check import check_hessian as check_hessian
 from .check import check_hvp as check_hvp
+from .estimators import DiagEstimate as DiagEstimate
+from .estimators import TraceEstimate as TraceEstimate
+from .estimators import hutchinson_diag as hutchinson_diag
+from .estimators import hutchinson_trace as hutchinson_trace
+from .estimators import hutchpp_trace as hutchpp_trace
+from .estimators import random_probes as random_probes
+from .estimators import xdiag as xdiag
+from .estimators import xtrace as xtrace
 from .fd import fd_grad as fd_grad
 from .fd import fd_hessian_matrix as fd_hessian_matrix
 from .fd import fd_hvp as fd_hvp
@@ -30,7 +38,9 @@ __version__ = "0.1.0"
 __all__ = [
     "CGResult",
     "CheckReport",
+    "DiagEstimate",
     "NewtonCGResult",
+    "TraceEstimate",
     "cg",
     "check_grad",
     "check_hessian",
@@ -46,10 +56,16 @@ __all__ = [
     "ggn_vps",
     "hessian",
     "hessian_matrix",
+    "hutchinson_diag",
+    "hutchinson_trace",
+    "hutchpp_trace",
     "hvp",
     "hvps",
     "losses",
     "newton_cg_step",
     "per_sample_grads",
+    "random_probes",
     "ravel",
+    "xdiag",
+    "xtrace",
 ]

@@ -219,3 +219,32 @@ def row_vdot(a: PyTree, b: PyTree) -> torch.Tensor:
 def row_scale(s: torch.Tensor, a: PyTree) -> PyTree:
     """Every leaf of ``a`` with row ``i`` of its leading axis multiplied by ``s[i]``."""
     return tree_map(lambda x: s.reshape(-1, *([1] * (x.dim() - 1))) * x, a)
+
+
+# ----------------------------------------------------------------------------- batches of vectors
+
+
+def leaf_names(tree: PyTree) -> list[str]:
+    """Dotted name of every leaf (``"body.0.weight"``, ``"enc.w"``, ``"0"``), in ravel order.
+
+    A dict from ``named_parameters()`` keeps its keys; nested containers join their keys with
+    ``"."``; a bare tensor is ``""``.
+    """
+    paths = optree.tree_paths(tree, is_leaf=_is_leaf, none_is_leaf=False, namespace=NAMESPACE)
+    return [".".join(str(k) for k in path) for path in paths]
+
+
+def ravel_rows(tree: PyTree) -> tuple[torch.Tensor, Callable[[torch.Tensor], PyTree]]:
+    """Flatten a pytree whose leaves share a leading axis ``k`` into a ``(k, n)`` matrix.
+
+    Row ``i`` is ``ravel`` of the ``i``-th slice of every leaf (the same leaf order and dtype
+    promotion as :func:`ravel`). Also returns ``unravel`` for *one* row (``vmap`` it for many).
+    """
+    leaves = tree_leaves(tree)
+    k = leaves[0].shape[0]
+    dtype = leaves[0].dtype
+    for leaf in leaves[1:]:
+        dtype = torch.promote_types(dtype, leaf.dtype)
+    rows = torch.cat([leaf.reshape(k, -1).to(dtype) for leaf in leaves], dim=1)
+    _, unravel = ravel(tree_map(lambda t: t[0], tree))
+    return rows, unravel
