@@ -27,6 +27,12 @@ from .hessian import hessian as hessian
 from .hessian import hessian_matrix as hessian_matrix
 from .hvp import hvp as hvp
 from .hvp import hvps as hvps
+from .lanczos import EigshResult as EigshResult
+from .lanczos import LanczosResult as LanczosResult
+from .lanczos import PowerIterationResult as PowerIterationResult
+from .lanczos import eigsh as eigsh
+from .lanczos import lanczos as lanczos
+from .lanczos import power_iteration as power_iteration
 from .module import from_module as from_module
 from .solvers import CGResult as CGResult
 from .solvers import NewtonCGResult as NewtonCGResult
@@ -39,12 +45,16 @@ __all__ = [
     "CGResult",
     "CheckReport",
     "DiagEstimate",
+    "EigshResult",
+    "LanczosResult",
     "NewtonCGResult",
+    "PowerIterationResult",
     "TraceEstimate",
     "cg",
     "check_grad",
     "check_hessian",
     "check_hvp",
+    "eigsh",
     "fd_grad",
     "fd_hessian_matrix",
     "fd_hvp",
@@ -61,9 +71,11 @@ __all__ = [
     "hutchpp_trace",
     "hvp",
     "hvps",
+    "lanczos",
     "losses",
     "newton_cg_step",
     "per_sample_grads",
+    "power_iteration",
     "random_probes",
     "ravel",
     "xdiag",
