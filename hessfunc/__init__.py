@@ -2,6 +2,8 @@
 
 from . import losses as losses
 from ._tree import ravel as ravel
+from .blocks import block_trace as block_trace
+from .blocks import blockwise as blockwise
 from .check import CheckReport as CheckReport
 from .check import check_grad as check_grad
 from .check import check_hessian as check_hessian
@@ -34,6 +36,10 @@ from .lanczos import eigsh as eigsh
 from .lanczos import lanczos as lanczos
 from .lanczos import power_iteration as power_iteration
 from .module import from_module as from_module
+from .slq import SLQResult as SLQResult
+from .slq import logdet as logdet
+from .slq import slq as slq
+from .slq import spectral_density as spectral_density
 from .solvers import CGResult as CGResult
 from .solvers import NewtonCGResult as NewtonCGResult
 from .solvers import cg as cg
@@ -49,7 +55,10 @@ __all__ = [
     "LanczosResult",
     "NewtonCGResult",
     "PowerIterationResult",
+    "SLQResult",
     "TraceEstimate",
+    "block_trace",
+    "blockwise",
     "cg",
     "check_grad",
     "check_hessian",
@@ -72,12 +81,15 @@ __all__ = [
     "hvp",
     "hvps",
     "lanczos",
+    "logdet",
     "losses",
     "newton_cg_step",
     "per_sample_grads",
     "power_iteration",
     "random_probes",
     "ravel",
+    "slq",
+    "spectral_density",
     "xdiag",
     "xtrace",
 ]
