@@ -10,6 +10,7 @@ from .check import check_hessian as check_hessian
 from .check import check_hvp as check_hvp
 from .estimators import DiagEstimate as DiagEstimate
 from .estimators import TraceEstimate as TraceEstimate
+from .estimators import batched_matvec as batched_matvec
 from .estimators import hutchinson_diag as hutchinson_diag
 from .estimators import hutchinson_trace as hutchinson_trace
 from .estimators import hutchpp_trace as hutchpp_trace
@@ -57,6 +58,7 @@ __all__ = [
     "PowerIterationResult",
     "SLQResult",
     "TraceEstimate",
+    "batched_matvec",
     "block_trace",
     "blockwise",
     "cg",

@@ -18,6 +18,17 @@ from . import _checks, _tree
 from ._types import PyTree
 
 
+class BatchedMatvec(NamedTuple):
+    """A product given on batches of vectors (see :func:`hessfunc.batched_matvec`)."""
+
+    matmat: Callable[[PyTree], PyTree]
+
+    def __call__(self, v: PyTree) -> PyTree:
+        """The product with one vector: a batch of one."""
+        out = self.matmat(_tree.tree_map(lambda t: t.unsqueeze(0), v))
+        return _tree.tree_map(lambda t: t.squeeze(0), out)
+
+
 class FlatOperator(NamedTuple):
     apply: Callable[[torch.Tensor], torch.Tensor]  # (k, n) -> (k, n), one matvec per row
     n: int
@@ -84,6 +95,24 @@ def flat_operator(
 
     def apply(rows: torch.Tensor) -> torch.Tensor:
         return vmap(single, chunk_size=chunk_size)(rows)
+
+    if isinstance(matvec, BatchedMatvec):
+        # called as is on a batch: no vmap around it, so it may be a compiled function
+        # (vmap of a compiled function is refused by dynamo, pytorch#128711)
+
+        def block(rows: torch.Tensor) -> torch.Tensor:
+            out = _tree.ravel_rows(matvec.matmat(vmap(unravel)(rows)))[0]
+            if out.shape != rows.shape:
+                raise ValueError(
+                    f"{where}: the batched matvec must return a batch like its input "
+                    f"({tuple(rows.shape)} as rows); it returned {tuple(out.shape)}."
+                )
+            return out.to(flat.dtype)
+
+        def apply(rows: torch.Tensor) -> torch.Tensor:
+            if chunk_size is None or chunk_size >= rows.shape[0]:
+                return block(rows)
+            return torch.cat([block(c) for c in torch.split(rows, chunk_size)])
 
     return FlatOperator(apply, n, unravel), flat
 

@@ -81,7 +81,8 @@ def blockwise(
         estimator: any function ``(matvec, x, *args, **kwargs)``: :func:`hessfunc.eigsh`,
             :func:`hessfunc.power_iteration`, :func:`hessfunc.hutchpp_trace`,
             :func:`hessfunc.slq`, ... or your own.
-        matvec: ``v -> A v`` over pytrees like ``like``.
+        matvec: ``v -> A v`` over pytrees like ``like``, or a :func:`hessfunc.batched_matvec`
+            (each block then gets a batched product too).
         like: a pytree like one vector (e.g. ``params``); fixes the blocks and their shapes.
         x: the estimator's random input, a pytree like ``like``, optionally with a leading axis
             on every leaf (probes).
@@ -137,15 +138,19 @@ def blockwise(
                 f"{where}: x[{name!r}] must have shape {tuple(p.shape)}, optionally after a "
                 f"leading axis; got {tuple(getattr(t, 'shape', ()))}."
             )
+    batched = isinstance(matvec, _operator.BatchedMatvec)
     results: dict[str, Any] = {}
     for group, idx in _groups(where, like, blocks).items():
         keys = [names[i] for i in idx]
 
         def matvec_b(v: dict[str, torch.Tensor], idx=idx, keys=keys) -> dict[str, torch.Tensor]:
-            full = [torch.zeros_like(leaf) for leaf in like_leaves]
+            # a batched product gets a batch: the zeros then carry the batch axis too
+            lead = v[keys[0]].shape[:1] if batched else ()
+            full = [leaf.new_zeros(lead + leaf.shape) for leaf in like_leaves]
             for i, key in zip(idx, keys, strict=True):
                 full[i] = v[key]
-            out = _tree.tree_leaves(matvec(_tree.tree_unflatten(spec, full)))
+            product = matvec.matmat if batched else matvec
+            out = _tree.tree_leaves(product(_tree.tree_unflatten(spec, full)))
             if len(out) != len(full):
                 raise ValueError(
                     f"{where}: matvec must return a pytree like its input; got {len(out)} "
@@ -153,8 +158,9 @@ def blockwise(
                 )
             return {key: out[i] for i, key in zip(idx, keys, strict=True)}
 
+        block_mv = _operator.BatchedMatvec(matvec_b) if batched else matvec_b
         x_b = {key: x_leaves[i] for i, key in zip(idx, keys, strict=True)}
-        results[group] = estimator(matvec_b, x_b, *args, **kwargs)
+        results[group] = estimator(block_mv, x_b, *args, **kwargs)
     return results
 
 

@@ -37,6 +37,7 @@ from ._types import PyTree
 __all__ = [
     "DiagEstimate",
     "TraceEstimate",
+    "batched_matvec",
     "hutchinson_diag",
     "hutchinson_trace",
     "hutchpp_trace",
@@ -125,6 +126,45 @@ def random_probes(
         n = sum(leaf.numel() for leaf in _tree.tree_leaves(like))
         draws = _tree.row_scale(n**0.5 / torch.sqrt(_tree.row_vdot(draws, draws)), draws)
     return draws
+
+
+def batched_matvec(matmat: Callable[[PyTree], PyTree]) -> _operator.BatchedMatvec:
+    r"""Mark a product that takes a batch of vectors, so the estimators call it as is.
+
+    Every estimator normally applies ``matvec`` to blocks of vectors through ``vmap``. Wrap a
+    function that already maps a batch (every leaf with a leading axis ``k``) to a batch, such
+    as :func:`hessfunc.hvps` or :func:`hessfunc.ggn_vps`, and the estimators pass it blocks
+    directly. This is the way to use a *compiled* product with an eager estimator loop: dynamo
+    refuses ``vmap`` of a compiled function (pytorch#128711), and compiling only the product
+    takes seconds, where compiling a whole Lanczos loop costs seconds per unrolled step.
+
+    Args:
+        matmat: ``V -> A V`` for a pytree ``V`` whose leaves carry a leading batch axis.
+
+    Returns:
+        A callable usable wherever a ``matvec`` is expected (called on one vector it runs a
+        batch of one); the estimators recognise it and skip their ``vmap``.
+
+    Cost:
+        Nothing; each estimator call then costs its usual matvecs, in batches.
+
+    Example:
+        >>> import torch, hessfunc
+        >>> f = lambda p, x: ((p * x) ** 2).sum()
+        >>> p = torch.ones(3, dtype=torch.float64)
+        >>> x = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+        >>> mv = hessfunc.batched_matvec(lambda V: hessfunc.hvps(f, p, V, x))  # or compiled
+        >>> g = torch.Generator().manual_seed(0)
+        >>> probes = hessfunc.random_probes(p, 4, generator=g)
+        >>> hessfunc.hutchinson_trace(mv, probes).estimate  # diag(2 x^2) = 2 + 8 + 18
+        tensor(28., dtype=torch.float64)
+    """
+    if not callable(matmat):
+        raise TypeError(
+            "hessfunc.batched_matvec(matmat): matmat must be callable as matmat(V) -> A V on a "
+            f"batch of vectors, got {type(matmat).__name__}."
+        )
+    return _operator.BatchedMatvec(matmat)
 
 
 def hutchinson_trace(

@@ -550,6 +550,37 @@ def test_errors_name_the_call_and_the_fix():
         hessfunc.lanczos(op, op.vector(0), 3.0)
 
 
+def test_a_batched_product_gives_the_vmapped_result_and_is_called_on_blocks():
+    op = Operator(power_law(400, 1.0))
+    sizes = []
+
+    def matmat(V):
+        sizes.append(V["b"].shape[0])
+        return torch.func.vmap(op)(V)
+
+    batched = hessfunc.batched_matvec(matmat)
+    probes = op.probes(12, 0)
+    assert_same = lambda a, b: torch.testing.assert_close(flat(a), flat(b))  # noqa: E731
+    assert_same(hessfunc.xtrace(batched, probes), hessfunc.xtrace(op, probes))
+    assert sizes == [6, 6]
+    sizes.clear()
+    assert_same(
+        hessfunc.hutchinson_diag(batched, probes, chunk_size=5),
+        hessfunc.hutchinson_diag(op, probes),
+    )
+    assert sizes == [5, 5, 2]
+    v0 = op.vector(0)
+    assert_same(
+        hessfunc.eigsh(batched, v0, 2, num_iters=10), hessfunc.eigsh(op, v0, 2, num_iters=10)
+    )
+    assert_same(
+        hessfunc.blockwise(hessfunc.slq, batched, op.like, probes, 4),
+        hessfunc.blockwise(hessfunc.slq, op, op.like, probes, 4),
+    )
+    # called on one vector, it is still a matvec
+    assert_same(batched(v0), op(v0))
+
+
 SPECTRAL_MODULES = ["estimators", "lanczos", "slq", "blocks", "_operator"]
 AD_MODULES = {"hvp", "ggn", "fisher", "hessian", "fd", "check", "module", "solvers"}
 
