@@ -94,6 +94,8 @@ def flat_operator(
         return out.to(flat.dtype)
 
     def apply(rows: torch.Tensor) -> torch.Tensor:
+        if rows.shape[0] == 1:  # one vector (Lanczos, power iteration): vmap would only add cost
+            return single(rows[0]).unsqueeze(0)
         return vmap(single, chunk_size=chunk_size)(rows)
 
     if isinstance(matvec, BatchedMatvec):
