@@ -87,9 +87,11 @@ def _fallback(rows: torch.Tensor, j: int) -> torch.Tensor:
     no randomness is needed inside compiled code.
     """
     idx = torch.arange(rows.shape[-1], dtype=rows.dtype, device=rows.device)
-    return torch.cos(idx * (0.7548776662 * (j + 1) + 0.5698402910) + 0.4142135624 * (j + 1)).expand(
-        rows.shape
-    )
+    # irrational frequencies and phases (plastic number, golden ratio, sqrt 2 fractions): no
+    # two steps give related vectors, and none lines up with the coordinate axes
+    frequency = 0.7548776662 * (j + 1) + 0.5698402910
+    phase = 0.4142135624 * (j + 1)
+    return torch.cos(idx * frequency + phase).expand(rows.shape)
 
 
 def _orthogonalise(w: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
@@ -278,8 +280,8 @@ def eigsh(
         residual_norms (k,))``; the eigenvectors are orthonormal to rounding.
 
     Cost:
-        ``num_iters`` matvecs (one per Lanczos step, vmapped over nothing: each is one
-        product) plus :math:`O(m^2 n)` flops; memory of ``2m`` vectors (basis and images).
+        ``num_iters`` matvecs, one per Lanczos step (the residuals reuse them), plus
+        :math:`O(m^2 n)` flops; memory of ``2m`` vectors (basis and images).
 
     Example:
         >>> import torch, hessfunc
