@@ -87,7 +87,7 @@ def _fallback(rows: torch.Tensor, j: int) -> torch.Tensor:
     no randomness is needed inside compiled code.
     """
     idx = torch.arange(rows.shape[-1], dtype=rows.dtype, device=rows.device)
-    # irrational frequencies and phases (plastic number, golden ratio, sqrt 2 fractions): no
+    # irrational frequencies and phases (from the plastic number and sqrt 2): no
     # two steps give related vectors, and none lines up with the coordinate axes
     frequency = 0.7548776662 * (j + 1) + 0.5698402910
     phase = 0.4142135624 * (j + 1)
