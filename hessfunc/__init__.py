@@ -4,11 +4,22 @@ from . import data as data
 from . import distributed as distributed
 from . import losses as losses
 from ._tree import ravel as ravel
+from .blocks import block_trace as block_trace
+from .blocks import blockwise as blockwise
 from .check import CheckReport as CheckReport
 from .check import check_grad as check_grad
 from .check import check_hessian as check_hessian
 from .check import check_hvp as check_hvp
 from .check_compiled import check_compiled as check_compiled
+from .estimators import DiagEstimate as DiagEstimate
+from .estimators import TraceEstimate as TraceEstimate
+from .estimators import batched_matvec as batched_matvec
+from .estimators import hutchinson_diag as hutchinson_diag
+from .estimators import hutchinson_trace as hutchinson_trace
+from .estimators import hutchpp_trace as hutchpp_trace
+from .estimators import random_probes as random_probes
+from .estimators import xdiag as xdiag
+from .estimators import xtrace as xtrace
 from .fd import fd_grad as fd_grad
 from .fd import fd_hessian_matrix as fd_hessian_matrix
 from .fd import fd_hvp as fd_hvp
@@ -22,8 +33,18 @@ from .hessian import hessian as hessian
 from .hessian import hessian_matrix as hessian_matrix
 from .hvp import hvp as hvp
 from .hvp import hvps as hvps
+from .lanczos import EigshResult as EigshResult
+from .lanczos import LanczosResult as LanczosResult
+from .lanczos import PowerIterationResult as PowerIterationResult
+from .lanczos import eigsh as eigsh
+from .lanczos import lanczos as lanczos
+from .lanczos import power_iteration as power_iteration
 from .linop import to_scipy as to_scipy
 from .module import from_module as from_module
+from .slq import SLQResult as SLQResult
+from .slq import logdet as logdet
+from .slq import slq as slq
+from .slq import spectral_density as spectral_density
 from .solvers import CGResult as CGResult
 from .solvers import NewtonCGResult as NewtonCGResult
 from .solvers import cg as cg
@@ -34,7 +55,16 @@ __version__ = "0.1.0"
 __all__ = [
     "CGResult",
     "CheckReport",
+    "DiagEstimate",
+    "EigshResult",
+    "LanczosResult",
     "NewtonCGResult",
+    "PowerIterationResult",
+    "SLQResult",
+    "TraceEstimate",
+    "batched_matvec",
+    "block_trace",
+    "blockwise",
     "cg",
     "check_compiled",
     "check_grad",
@@ -42,6 +72,7 @@ __all__ = [
     "check_hvp",
     "data",
     "distributed",
+    "eigsh",
     "fd_grad",
     "fd_hessian_matrix",
     "fd_hvp",
@@ -53,11 +84,22 @@ __all__ = [
     "ggn_vps",
     "hessian",
     "hessian_matrix",
+    "hutchinson_diag",
+    "hutchinson_trace",
+    "hutchpp_trace",
     "hvp",
     "hvps",
+    "lanczos",
+    "logdet",
     "losses",
     "newton_cg_step",
     "per_sample_grads",
+    "power_iteration",
+    "random_probes",
     "ravel",
     "to_scipy",
+    "slq",
+    "spectral_density",
+    "xdiag",
+    "xtrace",
 ]

@@ -256,3 +256,13 @@ def unravel_rows(like: PyTree) -> Callable[[torch.Tensor], PyTree]:
         return tree_unflatten(tree_structure(template), out)
 
     return unravel
+
+
+def leaf_names(tree: PyTree) -> list[str]:
+    """Dotted name of every leaf (``"body.0.weight"``, ``"enc.w"``, ``"0"``), in ravel order.
+
+    A dict from ``named_parameters()`` keeps its keys; nested containers join their keys with
+    ``"."``; a bare tensor is ``""``.
+    """
+    paths = optree.tree_paths(tree, is_leaf=_is_leaf, none_is_leaf=False, namespace=NAMESPACE)
+    return [".".join(str(k) for k in path) for path in paths]
