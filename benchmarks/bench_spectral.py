@@ -112,7 +112,7 @@ def wasserstein1_grid(grid, density, eig) -> float:
 
 class HessFunc:
     """hessfunc's estimators with ``hessfunc.hvp`` (a forward and backward per product) or, like
-    PyHessian, with one gradient graph kept and reused (a torch.func pullback)."""
+    PyHessian, with one gradient graph kept and reused (``hessfunc.hessian_operator``)."""
 
     def __init__(self, model, x, y, product="hvp"):
         apply, self.params = hessfunc.from_module(model)
@@ -123,9 +123,7 @@ class HessFunc:
         if product == "hvp":
             mv = lambda v: hessfunc.hvp(self.f, self.params, v, x, y)  # noqa: E731
         else:
-            gradient = lambda p: torch.func.grad(self.f)(p, x, y)  # noqa: E731
-            pullback = torch.func.vjp(gradient, self.params)[1]
-            mv = lambda v: pullback(v)[0]  # noqa: E731
+            mv = hessfunc.hessian_operator(self.f, self.params, x, y)
         self.mv = self.counter.wrap(mv)
 
     def v0(self, seed):

@@ -31,6 +31,7 @@ from .ggn import ggn_vp as ggn_vp
 from .ggn import ggn_vps as ggn_vps
 from .hessian import hessian as hessian
 from .hessian import hessian_matrix as hessian_matrix
+from .hvp import hessian_operator as hessian_operator
 from .hvp import hvp as hvp
 from .hvp import hvps as hvps
 from .lanczos import EigshResult as EigshResult
@@ -84,6 +85,7 @@ __all__ = [
     "ggn_vps",
     "hessian",
     "hessian_matrix",
+    "hessian_operator",
     "hutchinson_diag",
     "hutchinson_trace",
     "hutchpp_trace",

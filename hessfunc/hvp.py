@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from torch.func import jacrev, jvp, vjp, vmap
 
-from . import _checks, _context
+from . import _checks, _context, _operator
 from ._types import Mode, PyTree
 
-__all__ = ["hvp", "hvps"]
+__all__ = ["hessian_operator", "hvp", "hvps"]
 
 
 def _grad_fn(where: str, f: Callable[..., torch.Tensor], args: tuple[Any, ...]) -> Callable:
@@ -131,3 +131,63 @@ def hvps(
         return vmap(lambda t: pullback(t)[0], chunk_size=chunk_size)(vs)
 
     return _context.evaluate(where, mode, product, hessian=True)
+
+
+def hessian_operator(
+    f: Callable[..., torch.Tensor],
+    params: PyTree,
+    *args: Any,
+    chunk_size: int | None = None,
+) -> Callable[[PyTree], PyTree]:
+    r"""The Hessian at ``params`` as a reusable product ``v -> H v``, one gradient graph kept.
+
+    :func:`hvp` evaluates ``f`` forward and backward for every product. Iterative algorithms
+    (Lanczos, ``eigsh``, ``cg``, SLQ) call the product tens to hundreds of times at the same
+    point, so this builds the gradient once, keeps its backward graph, and differentiates it
+    again for each vector (reverse-over-reverse, with hessfunc's kernel routing as in every
+    other product). The result is a product on one vector or, through ``.matmat``, on a batch
+    (every leaf with a leading axis), which the estimators call without their own ``vmap``.
+
+    Args:
+        f: ``f(params, *args) -> scalar tensor``.
+        params: a pytree of floating tensors (the point; fixed for the operator's life).
+        *args: passed to ``f`` as is.
+        chunk_size: directions per vectorised pass in ``.matmat`` (``None``: all at once).
+
+    Returns:
+        A callable ``v -> H v`` (``v`` a pytree like ``params``) with a ``.matmat(vs)`` for
+        stacked directions; it plugs into :func:`hessfunc.cg`, :func:`hessfunc.eigsh`, the
+        trace estimators and :func:`hessfunc.to_scipy`.
+
+    Cost:
+        Building: one forward and one backward pass kept for differentiation (about 1-2
+        gradients). Each product: one backward pass through that graph (about 1-2 gradients,
+        where :func:`hvp` costs 2-4). Memory: the backward graph stays alive as long as the
+        operator, about the activations of one gradient.
+
+    Example:
+        >>> import torch, hessfunc
+        >>> A = torch.tensor([[2.0, 1.0], [1.0, 3.0]])
+        >>> H = hessfunc.hessian_operator(lambda th: 0.5 * th @ A @ th, torch.zeros(2))
+        >>> H(torch.tensor([1.0, 0.0]))
+        tensor([2., 1.])
+        >>> H.matmat(torch.eye(2))
+        tensor([[2., 1.],
+                [1., 3.]])
+    """
+    where = "hessfunc.hessian_operator(f, params, *args)"
+    _checks.check_chunk_size(where, chunk_size)
+    _checks.check_params(where, params)
+    grad_fn = _grad_fn(where, f, args)
+    pullback = _context.evaluate(where, "rev-rev", lambda m: vjp(grad_fn, params)[1], hessian=True)
+
+    def matmat(vs: PyTree) -> PyTree:
+        _checks.check_like(where, params, vs, "vs", batched=True)
+        return _context.evaluate(
+            where,
+            "rev-rev",
+            lambda m: vmap(lambda t: pullback(t)[0], chunk_size=chunk_size)(vs),
+            hessian=True,
+        )
+
+    return _operator.BatchedMatvec(matmat)

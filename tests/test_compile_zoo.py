@@ -142,6 +142,40 @@ def products(apply, per_sample: bool, float_inputs: bool, dtype) -> dict:
         ),
         "exact",
     )
+    out["hessian_operator"] = (
+        lambda p, v, w, x, y: hessfunc.hessian_operator(loss, p, x, y).matmat(_stack(v, w)),
+        "exact",
+    )
+    # the matvec algorithms over a product of this model (their model-independent parts are in
+    # tests/test_spectral_compile.py); few iterations, since loops unroll under compile
+    out["hutchinson_trace[hvp]"] = (
+        lambda p, v, w, x, y: (
+            hessfunc.hutchinson_trace(
+                lambda t: hessfunc.hvp(loss, p, t, x, y), _stack(v, w)
+            ).estimate
+        ),
+        "exact",
+    )
+    out["eigsh[hessian_operator]"] = (
+        lambda p, v, w, x, y: (
+            hessfunc.eigsh(hessfunc.hessian_operator(loss, p, x, y), v, 1, num_iters=3).eigenvalues
+        ),
+        "exact",
+    )
+    out["slq[ggn_vp]"] = (
+        lambda p, v, w, x, y: (
+            hessfunc.slq(
+                lambda t: hessfunc.ggn_vp(model, CrossEntropyLoss(y), p, t, x), _stack(v, w), 3
+            ).nodes
+        ),
+        "exact",
+    )
+    out["sum_over[hvp]"] = (  # a dataset product over two batches of the same data
+        lambda p, v, w, x, y: hessfunc.data.sum_over(
+            lambda xb, yb: hessfunc.hvp(loss, p, v, xb, yb), [(x, y), (x, y)]
+        ),
+        "exact",
+    )
     out["fd_grad"] = (
         lambda p, v, w, x, y: hessfunc.fd_grad(loss, p, x, y, directions=_stack(v, w)),
         "fd",
