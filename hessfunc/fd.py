@@ -113,8 +113,10 @@ def default_step(dtype: torch.dtype, order: int = 2) -> float:
         >>> import torch
         >>> from hessfunc.fd import default_step
         >>> u = torch.finfo(torch.float32).eps
-        >>> default_step(torch.float32) == u ** (1 / 3), default_step(torch.float32, 4) == u ** (1 / 5)
-        (True, True)
+        >>> default_step(torch.float32) == u ** (1 / 3)
+        True
+        >>> default_step(torch.float32, 4) == u ** (1 / 5)
+        True
         >>> round(default_step(torch.float64), 8)
         6.06e-06
 
@@ -289,7 +291,8 @@ def fd_hvp(
         >>> import torch
         >>> from hessfunc.fd import fd_hvp
         >>> A = torch.tensor([[1.0, 2.0], [0.0, 3.0]], dtype=torch.float64)
-        >>> th, v = torch.ones(2, dtype=torch.float64), torch.tensor([1.0, 0.0], dtype=torch.float64)
+        >>> th = torch.ones(2, dtype=torch.float64)
+        >>> v = torch.tensor([1.0, 0.0], dtype=torch.float64)
         >>> Hv = fd_hvp(lambda t, A: t @ A @ t, th, v, A)
         >>> torch.allclose(Hv, (A + A.T) @ v, rtol=1e-8)
         True
@@ -338,7 +341,8 @@ def fd_hvps(
     Example:
         >>> import torch
         >>> from hessfunc.fd import fd_hvps
-        >>> H = fd_hvps(lambda t: (t**2).sum(), torch.zeros(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64))
+        >>> eye = torch.eye(3, dtype=torch.float64)
+        >>> H = fd_hvps(lambda t: (t**2).sum(), torch.zeros(3, dtype=torch.float64), eye)
         >>> torch.allclose(H, 2 * torch.eye(3, dtype=torch.float64))
         True
 

@@ -192,7 +192,8 @@ def newton_cg_step(
         >>> A = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
         >>> b = torch.tensor([1.0, -1.0], dtype=torch.float64)
         >>> f = lambda x: 0.5 * x @ A @ x - b @ x
-        >>> out = hessfunc.newton_cg_step(f, torch.zeros(2, dtype=torch.float64), damping=0.0, maxiter=2)
+        >>> x0 = torch.zeros(2, dtype=torch.float64)
+        >>> out = hessfunc.newton_cg_step(f, x0, damping=0.0, maxiter=2)
         >>> torch.allclose(out.params, torch.linalg.solve(A, b))
         True
     """
