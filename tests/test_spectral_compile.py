@@ -104,8 +104,7 @@ def test_every_estimator_is_covered():
     from hessfunc import blocks, estimators, lanczos, slq
 
     names = estimators.__all__ + lanczos.__all__ + slq.__all__ + blocks.__all__
-    estimators = {n for n in names if n[0].islower()} - EAGER_HELPERS
-    assert covered == estimators
+    assert covered == {n for n in names if n[0].islower()} - EAGER_HELPERS
 
 
 def test_one_pass_estimators_and_short_lanczos_compile_equal_eager_and_do_not_recompile():
