@@ -38,6 +38,19 @@ FORWARD_AD_UNSOUND: dict[str, tuple[Callable[[tuple, dict], bool], str]] = {
         lambda a, k: _arg(a, k, 4, "reduce") == "prod",
         "scatter_reduce(reduce='prod') returns a zero tangent (pytorch#196702)",
     ),
+    "cholesky_inverse": (
+        lambda a, k: True,
+        "cholesky_inverse's forward-mode rule multiplies in the wrong order (pytorch#196682)",
+    ),
+    "cholesky_solve": (
+        lambda a, k: True,
+        "cholesky_solve's forward-mode rule is wrong through the factor (pytorch#196694)",
+    ),
+    "logcumsumexp": (
+        lambda a, k: True,
+        "logcumsumexp's forward-mode rule is accurate to about 1e-6 relative in float64, where "
+        "reverse mode is exact",
+    ),
 }
 
 
@@ -139,13 +152,59 @@ def traced_mode(mode: str) -> str:
     return "rev-rev" if torch.compiler.is_compiling() else mode
 
 
-_FWD_AD_MARKERS = ("forward AD", "forward mode AD", "jvp function")
+_FWD_AD_MARKERS = (
+    "forward AD",
+    "forward mode AD",
+    "jvp function",
+    # a forward-mode rule that returns a tangent of the wrong shape (triangular_solve, normal)
+    "forward gradient that has a different size",
+)
 _DOUBLE_BACKWARD_MARKERS = ("derivative for",)
 
 
 def _first_line(err: BaseException) -> str:
     msg = str(err).strip()
     return msg.splitlines()[0] if msg else type(err).__name__
+
+
+# Limits of torch.func that f can run into whatever the mode: markers in torch's message, and
+# what to do. Each was met by the op sweep (tests/test_opinfo_sweep.py).
+_TRANSFORM_LIMITS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (
+        ("random operation while in randomness error mode", "rrelu_with_noise"),
+        "f draws random numbers; hessfunc's batched products run f under vmap, which refuses "
+        "randomness, and a Hessian is a property of a deterministic function. Make f "
+        "deterministic (module.eval(); training=False for functional dropout).",
+    ),
+    (
+        ("would mutate a captured Tensor",),
+        "f writes in place to a tensor it did not create, which torch.func transforms refuse; "
+        "batch norm in training mode does this to its running statistics. Pass training=False, "
+        "or running_mean=None and running_var=None to normalise by batch statistics.",
+    ),
+    (
+        ("batching rule", "inside of vmap", "vmap: we do not yet support", "channels_last"),
+        "an op in f cannot run under vmap, which hessfunc uses to batch directions (hvps, "
+        "hessian_matrix, ggn_vps, the dense matrices). Take one direction at a time with "
+        "hessfunc.hvp (or ggn_vp) in a Python loop.",
+    ),
+    (
+        ("must override the setup_context staticmethod",),
+        "f calls a custom torch.autograd.Function in the old style (forward takes ctx); "
+        "torch.func transforms need forward without ctx plus a setup_context staticmethod (and "
+        "a jvp staticmethod for mode='fwd-rev').",
+    ),
+    (
+        ("doesn't have storage", "data pointer"),
+        "an op in f reads the values of a tensor argument (split points, sizes, indices given "
+        "as a tensor), which torch.func transforms cannot; pass them as Python ints.",
+    ),
+    (
+        ("Sparse",),
+        "f makes sparse tensors, which torch.func does not differentiate twice; work with dense "
+        "tensors (.to_dense()) inside f.",
+    ),
+)
 
 
 def ad_error_hint(where: str, mode: str, err: BaseException) -> NotImplementedError | None:
@@ -157,6 +216,9 @@ def ad_error_hint(where: str, mode: str, err: BaseException) -> NotImplementedEr
     """
     msg = str(err)
     first = _first_line(err)
+    for markers, advice in _TRANSFORM_LIMITS:
+        if any(m in msg for m in markers):
+            return NotImplementedError(f"{where}: {advice} ({first})")
     if mode == "fwd-rev" and "_has_same_storage_numel" in msg and "sharding strategy" in msg:
         # DTensor (FSDP2 / tensor-parallel parameters): forward mode's make_dual has no
         # sharding rule on current torch (pytorch#182641), whatever op f calls.
@@ -193,6 +255,11 @@ def ad_error_hint(where: str, mode: str, err: BaseException) -> NotImplementedEr
             "differentiable."
         )
     return None
+
+
+def is_derivative_error(mode: str, err: BaseException) -> bool:
+    """Whether ``err`` says that an op lacks (or gets wrong) a derivative ``mode`` needs."""
+    return isinstance(err, UnsoundForwardAD) or ad_error_hint("", mode, err) is not None
 
 
 def evaluate(where: str, mode: str, product: Callable[[str], T], *, hessian: bool) -> T:

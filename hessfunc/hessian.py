@@ -6,10 +6,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.func import jacrev, jvp, vjp, vmap
+from torch.func import jvp, vjp, vmap
 
 from . import _checks, _context, _memory, _progress, _tree
 from ._types import Mode, PyTree
+from .hvp import over_gradient
 
 __all__ = ["hessian", "hessian_matrix"]
 
@@ -32,15 +33,16 @@ def _dense(
     """The Hessian of ``flat_f`` at ``flat``, row ``i`` = ``H e_i``, in chunks of directions."""
     n = flat.numel()
     _memory.guard(where, n, flat.dtype, flat.device, chunk_size, max_bytes)
-    grad_flat = jacrev(flat_f)
-
     def product(mode: str) -> torch.Tensor:
-        if mode == "fwd-rev":
-            rows = vmap(lambda t: jvp(grad_flat, (flat,), (t,))[1])
-        else:
-            pullback = vjp(grad_flat, flat)[1]
-            rows = vmap(lambda t: pullback(t)[0])
-        return rows_over_basis(where, rows, flat, chunk_size)
+        def run(grad_flat: Callable) -> torch.Tensor:
+            if mode == "fwd-rev":
+                rows = vmap(lambda t: jvp(grad_flat, (flat,), (t,))[1])
+            else:
+                pullback = vjp(grad_flat, flat)[1]
+                rows = vmap(lambda t: pullback(t)[0])
+            return rows_over_basis(where, rows, flat, chunk_size)
+
+        return over_gradient(where, flat_f, (), mode, run)
 
     return _context.evaluate(where, mode, product, hessian=True)
 

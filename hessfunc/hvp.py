@@ -3,26 +3,56 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
-from torch.func import jacrev, jvp, vjp, vmap
+from torch.func import grad, jacrev, jvp, vjp, vmap
 
 from . import _checks, _context, _operator
 from ._types import Mode, PyTree
 
 __all__ = ["hessian_operator", "hvp", "hvps"]
 
+T = TypeVar("T")
 
-def _grad_fn(where: str, f: Callable[..., torch.Tensor], args: tuple[Any, ...]) -> Callable:
-    """``p -> ∇f(p, *args)`` as a pytree like ``p``.
 
-    ``jacrev`` rather than ``grad``: ``jvp(grad(f))`` raises "ZeroTensors are immutable" when ``f``
-    uses ``F.mse_loss`` (pytorch#123996) and lacks forward AD for ``huber_loss_backward``;
-    ``jacrev`` of a scalar gives the same gradient through a path where both work.
-    """
-    g = jacrev(_checks.scalar_fn(where, f), argnums=0)
+def _grad_fn(
+    where: str, f: Callable[..., torch.Tensor], args: tuple[Any, ...], how: str = "grad"
+) -> Callable:
+    """``p -> ∇f(p, *args)`` as a pytree like ``p``, by ``torch.func.grad`` or ``jacrev``."""
+    checked = _checks.scalar_fn(where, f)
+    g = jacrev(checked, argnums=0) if how == "jacrev" else grad(checked, argnums=0)
     return lambda p: g(p, *args)
+
+
+def over_gradient(
+    where: str,
+    f: Callable[..., torch.Tensor],
+    args: tuple[Any, ...],
+    mode: str,
+    run: Callable[[Callable], T],
+) -> T:
+    """``run(grad_fn)`` with the gradient path that suits a product in ``mode`` over it.
+
+    Forward mode over ``grad`` raises "ZeroTensors are immutable" when ``f`` uses
+    ``F.mse_loss`` (pytorch#123996) and lacks forward AD for ``huber_loss_backward``; over
+    ``jacrev`` of the scalar both work, so ``"fwd-rev"`` starts there. That path runs the
+    backward under ``vmap`` (over a basis of one), which a few ops refuse or get wrong
+    (``max_unpool2d``: "querying is_contiguous inside of vmap"; ``masked_select`` with a
+    broadcast mask), so eagerly a failure that is not a missing derivative runs the product
+    again over ``grad``. Reverse mode over the gradient takes ``grad``: no ``vmap`` at all.
+    """
+    if mode != "fwd-rev":
+        return run(_grad_fn(where, f, args, "grad"))
+    try:
+        return run(_grad_fn(where, f, args, "jacrev"))
+    except (RuntimeError, NotImplementedError) as err:
+        if torch.compiler.is_compiling() or _context.is_derivative_error(mode, err):
+            raise
+        try:
+            return run(_grad_fn(where, f, args, "grad"))
+        except (RuntimeError, NotImplementedError):
+            raise err from None
 
 
 def hvp(
@@ -71,12 +101,12 @@ def hvp(
     _checks.check_mode(where, mode)
     _checks.check_params(where, params)
     _checks.check_like(where, params, v)
-    grad_fn = _grad_fn(where, f, args)
-
     def product(mode: str) -> PyTree:
         if mode == "fwd-rev":
-            return jvp(grad_fn, (params,), (v,))[1]
-        return vjp(grad_fn, params)[1](v)[0]
+            run = lambda g: jvp(g, (params,), (v,))[1]  # noqa: E731
+        else:
+            run = lambda g: vjp(g, params)[1](v)[0]  # noqa: E731
+        return over_gradient(where, f, args, mode, run)
 
     return _context.evaluate(where, mode, product, hessian=True)
 
@@ -122,13 +152,14 @@ def hvps(
     _checks.check_chunk_size(where, chunk_size)
     _checks.check_params(where, params)
     _checks.check_like(where, params, vs, "vs", batched=True)
-    grad_fn = _grad_fn(where, f, args)
-
     def product(mode: str) -> PyTree:
-        if mode == "fwd-rev":
-            return vmap(lambda t: jvp(grad_fn, (params,), (t,))[1], chunk_size=chunk_size)(vs)
-        pullback = vjp(grad_fn, params)[1]
-        return vmap(lambda t: pullback(t)[0], chunk_size=chunk_size)(vs)
+        def run(g: Callable) -> PyTree:
+            if mode == "fwd-rev":
+                return vmap(lambda t: jvp(g, (params,), (t,))[1], chunk_size=chunk_size)(vs)
+            pullback = vjp(g, params)[1]
+            return vmap(lambda t: pullback(t)[0], chunk_size=chunk_size)(vs)
+
+        return over_gradient(where, f, args, mode, run)
 
     return _context.evaluate(where, mode, product, hessian=True)
 

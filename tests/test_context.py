@@ -74,3 +74,22 @@ def test_ops_without_second_derivatives_get_errors_that_do_not_promise_the_other
         assert f"no {needs}" in msg
         assert "works if the op has" in msg and "hessfunc.check_hvp" in msg
         assert "same result" not in msg
+
+
+@pytest.mark.parametrize("op", ["cholesky_inverse", "cholesky_solve", "logcumsumexp"])
+def test_ops_with_inexact_forward_mode_are_exact_through_every_product(op):
+    g = torch.Generator().manual_seed(0)
+    L = torch.tril(torch.randn(4, 4, generator=g)) + 3 * torch.eye(4)
+    b = torch.randn(4, 2, generator=g)
+    model = {
+        "cholesky_inverse": lambda L: torch.cholesky_inverse(torch.tril(L)),
+        "cholesky_solve": lambda L: torch.cholesky_solve(b, torch.tril(L)),
+        "logcumsumexp": lambda L: torch.logcumsumexp(L, 0),
+    }[op]
+    f = lambda L: model(L).pow(2).sum()
+    H = torch.autograd.functional.hessian(f, L).reshape(16, 16)
+    v = torch.randn(4, 4, generator=g)
+    assert_close(hessfunc.hvp(f, L, v), (H @ v.reshape(-1)).reshape(4, 4))
+    J = torch.autograd.functional.jacobian(model, L).reshape(-1, 16)
+    loss = MSELoss(torch.zeros_like(model(L)), reduction="sum")
+    assert_close(hessfunc.ggn_vp(model, loss, L, v), (2 * J.T @ J @ v.reshape(-1)).reshape(4, 4))
