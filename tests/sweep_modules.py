@@ -539,7 +539,7 @@ def run_module(key: str, training: bool) -> ModuleResult:
             else:
                 if skip is None and ref is None:
                     with sweep.quiet():
-                        ref = sweep.hvp_reference(problem, problem.direction())
+                        ref = sweep.references(problem, problem.direction())[0]
                 verdict = check_mode(module, problem, mode, ref, skip)
             verdict.sample = i
             per[mode].append(verdict)

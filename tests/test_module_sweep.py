@@ -199,7 +199,7 @@ def _hvp_verdicts(build, x: torch.Tensor, training: bool = False) -> dict[str, s
     for mode in sweep.MODES:
         module, problem, skip = sweep_modules.problem_for("pinned", item, training, 0)
         if skip is None and ref is None:
-            ref = sweep.hvp_reference(problem, problem.direction())
+            ref = sweep.references(problem, problem.direction())[0]
         verdicts[mode] = sweep_modules.check_mode(module, problem, mode, ref, skip)
     return verdicts
 
