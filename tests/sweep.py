@@ -307,31 +307,28 @@ def ggn_reference(problem: Problem, v: tuple[torch.Tensor, ...]) -> Reference:
     jv = richardson(pair, center, problem.scale, problem.dtype)
     if jv.value is None:
         return jv
-    leaves = _leaves(problem.params)
-    with torch.enable_grad():
-        outs = problem.outputs_for_reference(leaves)
-        c = flat(problem.c, problem.c)
+    c = flat(problem.c, problem.c)
 
-        def pullback(u: torch.Tensor) -> torch.Tensor:
-            if not any(o.requires_grad for o in outs):
-                return torch.zeros(problem.size, dtype=F64)
-            cot, start = [], 0
+    def pullback(u: torch.Tensor) -> torch.Tensor:
+        # a fresh graph per call: some backward functions run only once per graph
+        leaves = _leaves(problem.params)
+        with torch.enable_grad():
+            outs = problem.outputs_for_reference(leaves)
+            used, start = [], 0
             for o in outs:
-                cot.append((c[start : start + o.numel()] * u[start : start + o.numel()]).view_as(o))
+                if o.requires_grad:
+                    cot = c[start : start + o.numel()] * u[start : start + o.numel()]
+                    used.append((o, cot.view_as(o).to(o.dtype)))
                 start += o.numel()
-            used = [(o, t) for o, t in zip(outs, cot, strict=True) if o.requires_grad]
+            if not used:
+                return torch.zeros(problem.size, dtype=F64)
             grads = torch.autograd.grad(
-                [o for o, _ in used],
-                leaves,
-                [t.to(o.dtype) for o, t in used],
-                allow_unused=True,
-                retain_graph=True,
+                [o for o, _ in used], leaves, [t for _, t in used], allow_unused=True
             )
-            return flat(grads, leaves)
+        return flat(grads, leaves)
 
-        # the error estimate of J v, carried through the (linear) pullback
-        gv = pullback(jv.value)
-        err = _norm(pullback(jv.delta))
+    gv = pullback(jv.value)
+    err = _norm(pullback(jv.delta))  # the error estimate of J v, through the linear pullback
     ref = Reference(gv, err, None, jv.step, jv.reason)
     if ref.reason is None and _norm(gv) == 0.0:
         ref.reason = "zero-product"
@@ -385,9 +382,21 @@ def run_product(
             exact = call()
     except Exception as err:  # noqa: BLE001 - every escape is classified
         return Verdict("clear-error" if is_clear_error(err) else "raw-error", first_line(err))
+    return judge(exact.detach(), ref, dtype)
+
+
+def judge(exact: torch.Tensor, ref: Reference, dtype: torch.dtype = F64) -> Verdict:
+    """``compare``, where the reference is usable.
+
+    A reference of exact zeros (a product that vanishes at the sample) is still compared, so a
+    nonzero result is caught, but agreement there counts as a skip: it shows little.
+    """
+    if ref.reason == "zero-product":
+        verdict = compare(exact, ref, dtype)
+        return verdict if verdict.state == "wrong" else Verdict("skipped", ref.reason)
     if ref.value is None or ref.reason is not None:
         return Verdict("skipped", ref.reason or "no reference")
-    return compare(exact.detach(), ref, dtype)
+    return compare(exact, ref, dtype)
 
 
 def aggregate(verdicts: list[Verdict]) -> Verdict:
@@ -458,11 +467,15 @@ def references(problem: Problem, v: tuple[torch.Tensor, ...]) -> tuple[Reference
     misleads differences of the gradient. Either way the sample tells nothing, and neither does
     one where autograd's gradient is not the derivative (``first_order_reason``).
     """
-    h_ref, g_ref = hvp_reference(problem, v), ggn_reference(problem, v)
+    try:
+        h_ref, g_ref = hvp_reference(problem, v), ggn_reference(problem, v)
+    except Exception as err:  # noqa: BLE001 - the sample cannot be differenced (a harness limit)
+        reason = f"reference fails ({first_line(err)[:80]})"
+        return Reference(reason=reason), Reference(reason=reason)
     for a, b in ((h_ref, g_ref), (g_ref, h_ref)):
         if a.reason in _UNUSABLE and b.reason not in _UNUSABLE:
             b.reason = a.reason
-    if h_ref.reason not in _UNUSABLE:
+    if h_ref.reason not in _UNUSABLE and g_ref.value is not None:
         reason = first_order_reason(problem, v)
         if reason is not None:
             h_ref.reason = g_ref.reason = reason
@@ -515,14 +528,12 @@ def _dense_verdict(problem: Problem, mode: str, v_flat: torch.Tensor, ref: Refer
             H = hessfunc.hessian_matrix(problem.f, problem.params, *problem.rest, mode=mode)
     except Exception as err:  # noqa: BLE001
         return Verdict("clear-error" if is_clear_error(err) else "raw-error", first_line(err))
-    if ref.value is None or ref.reason is not None:
-        return Verdict("skipped", ref.reason or "no reference")
     n = problem.size
     if H.shape != (n, n):
         return Verdict("wrong", f"shape {tuple(H.shape)}, expected {(n, n)}", math.inf)
     H = H.detach().to(F64)
-    rows = compare(H @ v_flat, ref, problem.dtype)
-    cols = compare(H.T @ v_flat, ref, problem.dtype)
+    rows = judge(H @ v_flat, ref, problem.dtype)
+    cols = judge(H.T @ v_flat, ref, problem.dtype)
     worse = max((rows, cols), key=lambda x: (x.state == "wrong", x.rel_err))
     if worse is cols and cols.state == "wrong":
         worse.detail = "H^T v: " + worse.detail
