@@ -29,11 +29,19 @@ difference): truncation dominates at large steps, rounding at small ones, and a 
 outside the domain makes every pair disagree. Samples whose best pair still disagrees by more
 than ``TOL[("fd-converged", float64)]`` are skipped as not converged, and counted.
 
+Two more checks keep a converged difference from describing something other than the Hessian:
+the midpoint defect ``(F(+h) + F(-h)) / 2 - F(0)`` must shrink like ``h^2`` (else the function
+jumps or kinks at the sample), and autograd's gradient must agree with differences of the
+objective itself (else the backward formula is a convention there, e.g. repeated scatter
+indices). Where either reference finds a sample unusable, both skip it.
+
 A product agrees with its reference when
 
     |exact - ref| <= rtol |ref| + atol + 2 err        (norms over the flattened product)
 
-with ``rtol, atol = TOL[("fd-sweep", float64)]`` and ``err`` the reference's own error estimate.
+with ``rtol, atol = TOL[("fd-sweep", float64)]`` (``TOL[("fd", float32)]`` when the model
+computes in float32) and ``err`` the reference's own error estimate. A reference of exact zeros
+is compared too, but agreement with it counts as a skip.
 """
 
 from __future__ import annotations

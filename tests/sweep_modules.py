@@ -4,7 +4,7 @@ Cases come from three sources, in this order of preference:
 
 * ``torch.testing._internal.common_modules.module_db``: a ``ModuleInfo`` per class, with
   constructor arguments and forward inputs for training and evaluation mode;
-* ``EXTRA``: hand-written constructors and inputs for classes module_db lacks but users build
+* ``_extra()``: hand-written constructors and inputs for classes module_db lacks but users build
   (``EmbeddingBag``, ``Upsample``, ``Fold``...), and for configurations known to mutate state
   (``Embedding(max_norm=...)``, the hook and parametrisation forms of weight and spectral norm);
 * every other ``torch.nn`` class that can be built with default arguments, fed the first of a few
@@ -64,11 +64,18 @@ def _extra() -> dict[str, Callable[[bool], list[Input]]]:
     """Cases module_db lacks, keyed by a display name: ``training -> inputs``."""
     P = nn.utils.parametrizations
 
-    def one(build: Callable[[], nn.Module], *args: Any, **kwargs: Any):
-        return lambda training: [Input(build, args, kwargs)]
+    def one(build: Callable[[], nn.Module], *makers: Callable[[], torch.Tensor]):
+        def inputs(training: bool) -> list[Input]:
+            torch.manual_seed(0)  # the same inputs in every process, whatever ran before
+            return [Input(build, tuple(make() for make in makers))]
 
-    def tokens(*shape: int, high: int = 5) -> torch.Tensor:
-        return torch.randint(high, shape)
+        return inputs
+
+    def x(*shape: int) -> Callable[[], torch.Tensor]:
+        return lambda: _t(*shape)
+
+    def tokens(*shape: int, high: int = 5) -> Callable[[], torch.Tensor]:
+        return lambda: torch.randint(high, shape)
 
     def decoder() -> nn.Module:
         layer = nn.TransformerDecoderLayer(4, 2, dim_feedforward=6, dropout=0.0, batch_first=True)
@@ -79,63 +86,61 @@ def _extra() -> dict[str, Callable[[bool], list[Input]]]:
         "nn.EmbeddingBag(mode=max)": one(lambda: nn.EmbeddingBag(5, 3, mode="max"), tokens(2, 4)),
         "nn.Embedding(max_norm=0.5)": one(lambda: nn.Embedding(5, 3, max_norm=0.5), tokens(2, 4)),
         "nn.AdaptiveLogSoftmaxWithLoss": one(
-            lambda: nn.AdaptiveLogSoftmaxWithLoss(4, 6, [3]), _t(5, 4), tokens(5, high=6)
+            lambda: nn.AdaptiveLogSoftmaxWithLoss(4, 6, [3]), x(5, 4), tokens(5, high=6)
         ),
-        "nn.TransformerDecoder": one(decoder, _t(2, 3, 4), _t(2, 5, 4)),
+        "nn.TransformerDecoder": one(decoder, x(2, 3, 4), x(2, 5, 4)),
         # module_db has 857 inputs for this class; these two pick its fused and chunked paths
         "nn.LinearCrossEntropyLoss(options=None)": one(
-            lambda: nn.LinearCrossEntropyLoss(5, 4, reduction="sum"), _t(8, 5), tokens(8, high=4)
+            lambda: nn.LinearCrossEntropyLoss(5, 4, reduction="sum"), x(8, 5), tokens(8, high=4)
         ),
         "nn.LinearCrossEntropyLoss(options=chunked)": one(
             lambda: nn.LinearCrossEntropyLoss(
                 5, 4, reduction="sum", options=nn.LinearCrossEntropyOptions(batch_chunk_size=2)
             ),
-            _t(8, 5),
+            x(8, 5),
             tokens(8, high=4),
         ),
-        "nn.ChannelShuffle": one(lambda: nn.ChannelShuffle(2), _t(2, 4, 3, 3)),
-        "nn.CrossMapLRN2d": one(lambda: nn.CrossMapLRN2d(3), _t(2, 4, 3, 3)),
-        "nn.Fold": one(lambda: nn.Fold((3, 3), (2, 2)), _t(2, 8, 4)),
-        "nn.Unfold": one(lambda: nn.Unfold((2, 2)), _t(2, 2, 3, 3)),
-        "nn.PixelShuffle": one(lambda: nn.PixelShuffle(2), _t(2, 8, 2, 2)),
-        "nn.PixelUnshuffle": one(lambda: nn.PixelUnshuffle(2), _t(2, 2, 4, 4)),
-        "nn.Unflatten": one(lambda: nn.Unflatten(1, (2, 3)), _t(4, 6)),
+        "nn.ChannelShuffle": one(lambda: nn.ChannelShuffle(2), x(2, 4, 3, 3)),
+        "nn.CrossMapLRN2d": one(lambda: nn.CrossMapLRN2d(3), x(2, 4, 3, 3)),
+        "nn.Fold": one(lambda: nn.Fold((3, 3), (2, 2)), x(2, 8, 4)),
+        "nn.Unfold": one(lambda: nn.Unfold((2, 2)), x(2, 2, 3, 3)),
+        "nn.PixelShuffle": one(lambda: nn.PixelShuffle(2), x(2, 8, 2, 2)),
+        "nn.PixelUnshuffle": one(lambda: nn.PixelUnshuffle(2), x(2, 2, 4, 4)),
+        "nn.Unflatten": one(lambda: nn.Unflatten(1, (2, 3)), x(4, 6)),
         "nn.Upsample(bilinear)": one(
-            lambda: nn.Upsample(scale_factor=2, mode="bilinear"), _t(2, 2, 3, 3)
+            lambda: nn.Upsample(scale_factor=2, mode="bilinear"), x(2, 2, 3, 3)
         ),
         "nn.Upsample(bicubic)": one(
-            lambda: nn.Upsample(scale_factor=2, mode="bicubic"), _t(2, 2, 3, 3)
+            lambda: nn.Upsample(scale_factor=2, mode="bicubic"), x(2, 2, 3, 3)
         ),
         "nn.UpsamplingNearest2d": one(
-            lambda: nn.UpsamplingNearest2d(scale_factor=2), _t(1, 2, 2, 2)
+            lambda: nn.UpsamplingNearest2d(scale_factor=2), x(1, 2, 2, 2)
         ),
         "nn.UpsamplingBilinear2d": one(
-            lambda: nn.UpsamplingBilinear2d(scale_factor=2), _t(1, 2, 2, 2)
+            lambda: nn.UpsamplingBilinear2d(scale_factor=2), x(1, 2, 2, 2)
         ),
-        "nn.LazyLinear": one(lambda: nn.LazyLinear(3), _t(4, 5)),
+        "nn.LazyLinear": one(lambda: nn.LazyLinear(3), x(4, 5)),
         "nn.LazyBatchNorm1d(track_running_stats=False)": one(
-            lambda: nn.LazyBatchNorm1d(track_running_stats=False), _t(4, 3)
+            lambda: nn.LazyBatchNorm1d(track_running_stats=False), x(4, 3)
         ),
         "nn.BatchNorm2d(track_running_stats=False)": one(
-            lambda: nn.BatchNorm2d(3, track_running_stats=False), _t(4, 3, 2, 2)
+            lambda: nn.BatchNorm2d(3, track_running_stats=False), x(4, 3, 2, 2)
         ),
         "nn.InstanceNorm2d(affine=True)": one(
-            lambda: nn.InstanceNorm2d(3, affine=True), _t(2, 3, 4, 4)
+            lambda: nn.InstanceNorm2d(3, affine=True), x(2, 3, 4, 4)
         ),
-        "utils.weight_norm(nn.Linear)": one(
-            lambda: nn.utils.weight_norm(nn.Linear(4, 3)), _t(5, 4)
-        ),
+        "utils.weight_norm(nn.Linear)": one(lambda: nn.utils.weight_norm(nn.Linear(4, 3)), x(5, 4)),
         "parametrizations.weight_norm(nn.Linear)": one(
-            lambda: P.weight_norm(nn.Linear(4, 3)), _t(5, 4)
+            lambda: P.weight_norm(nn.Linear(4, 3)), x(5, 4)
         ),
         "utils.spectral_norm(nn.Linear)": one(
-            lambda: nn.utils.spectral_norm(nn.Linear(4, 3)), _t(5, 4)
+            lambda: nn.utils.spectral_norm(nn.Linear(4, 3)), x(5, 4)
         ),
         "parametrizations.spectral_norm(nn.Linear)": one(
-            lambda: P.spectral_norm(nn.Linear(4, 3)), _t(5, 4)
+            lambda: P.spectral_norm(nn.Linear(4, 3)), x(5, 4)
         ),
         "parametrizations.orthogonal(nn.Linear)": one(
-            lambda: P.orthogonal(nn.Linear(3, 3)), _t(5, 3)
+            lambda: P.orthogonal(nn.Linear(3, 3)), x(5, 3)
         ),
     }
 
