@@ -73,8 +73,11 @@ MAX_DENSE = 150
 # Larger problems are skipped: each reference costs a dozen or more gradients (a few op samples
 # hold millions of entries, e.g. grid_sampler_3d's).
 MAX_ENTRIES = 100_000
-# The step ladder: largest step (times max(1, |params|_inf)), ratio, smallest step.
+# The step ladder: largest step (times max(1, |params|_inf)), ratio, smallest step, and the
+# smallest step tried when no pair has converged by then (samples close to a singularity:
+# atanh near 1, tan near pi/2).
 LADDER = (0.1, 4.0, 1e-4)
+LADDER_EXTENDED = 1e-7
 
 
 def stable_seed(*parts: Any) -> int:
@@ -228,8 +231,8 @@ def _norm(x: torch.Tensor) -> float:
     return n if math.isfinite(n) else math.inf
 
 
-def ladder_steps(scale: float) -> list[float]:
-    top, ratio, bottom = LADDER
+def ladder_steps(scale: float, bottom: float = LADDER[2]) -> list[float]:
+    top, ratio, _ = LADDER
     h, steps = top * max(1.0, scale), []
     while h >= bottom * 0.999 or len(steps) < 3:
         steps.append(h)
@@ -251,18 +254,45 @@ def richardson(
     target of exactly 1), differences can agree at every step and still describe another branch.
     """
     ratio = LADDER[1]
+    conv = tol("fd-converged" if dtype == F64 else "fd", dtype)
     steps = ladder_steps(scale)
     d: list[torch.Tensor | None] = []
     defect: list[float] = []
-    for h in steps:
-        try:
-            with torch.no_grad(), quiet():
-                plus, minus = pair(h)
-            d.append((plus - minus) / (2 * h))
-            defect.append(_norm((plus + minus) / 2 - center))
-        except Exception:  # noqa: BLE001 - a step outside the op's domain, e.g. a target > 1
-            d.append(None)
-            defect.append(math.inf)
+
+    def evaluate(upto: list[float]) -> None:
+        for h in upto[len(d) :]:
+            try:
+                with torch.no_grad(), quiet():
+                    plus, minus = pair(h)
+                d.append((plus - minus) / (2 * h))
+                defect.append(_norm((plus + minus) / 2 - center))
+            except Exception:  # noqa: BLE001 - a step outside the op's domain, e.g. a target > 1
+                d.append(None)
+                defect.append(math.inf)
+
+    evaluate(steps)
+    ref = _best_pair(d, steps, ratio)
+    if ref.value is not None and ref.err > conv["rtol"] * _norm(ref.value) + conv["atol"]:
+        steps = ladder_steps(scale, LADDER_EXTENDED)
+        evaluate(steps)
+        ref = _best_pair(d, steps, ratio)
+    if ref.value is None:
+        return ref
+    best = steps.index(ref.step) - 1
+    # rounding level of the defect: a few units in the last place of F
+    noise = 64 * torch.finfo(dtype).eps * max(_norm(center), 1e-300)
+    small, large = defect[best + 1], defect[best]
+    if ref.err > conv["rtol"] * _norm(ref.value) + conv["atol"]:
+        ref.reason = "fd-not-converged"
+    elif small > noise and small > large / 8:
+        ref.reason = "not smooth at the sample"
+    elif _norm(ref.value) == 0.0:
+        ref.reason = "zero-product"
+    return ref
+
+
+def _best_pair(d: list[torch.Tensor | None], steps: list[float], ratio: float) -> Reference:
+    """The Richardson estimate whose neighbour agrees with it best, with that disagreement."""
     r = [
         None if d[k] is None or d[k + 1] is None else (ratio**2 * d[k + 1] - d[k]) / (ratio**2 - 1)
         for k in range(len(d) - 1)
@@ -278,18 +308,7 @@ def richardson(
             best, best_err = k + 1, e
     if best is None:
         return Reference(reason="fd-non-finite")
-    ref = Reference(r[best], best_err, r[best - 1] - r[best], steps[best + 1])
-    conv = tol("fd-converged" if dtype == F64 else "fd", dtype)
-    # rounding level of the defect: a few units in the last place of F
-    noise = 64 * torch.finfo(dtype).eps * max(_norm(center), 1e-300)
-    small, large = defect[best + 1], defect[best]
-    if best_err > conv["rtol"] * _norm(ref.value) + conv["atol"]:
-        ref.reason = "fd-not-converged"
-    elif small > noise and small > large / 8:
-        ref.reason = "not smooth at the sample"
-    elif _norm(ref.value) == 0.0:
-        ref.reason = "zero-product"
-    return ref
+    return Reference(r[best], best_err, r[best - 1] - r[best], steps[best + 1])
 
 
 def hvp_reference(problem: Problem, v: tuple[torch.Tensor, ...]) -> Reference:
