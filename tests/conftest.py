@@ -23,6 +23,12 @@ TOL = {
     # looped, rescaled direction): rounding of the gradient amplified by 1/h ~ u^(-1/3)
     ("fd-vs-fd", torch.float64): dict(rtol=1e-8, atol=1e-9),
     ("fd-vs-fd", torch.float32): dict(rtol=1e-3, atol=1e-4),
+    # the op and module sweeps (tests/sweep.py): an exact product vs a Richardson-extrapolated
+    # difference on a step ladder, whose own error estimate is added to this tolerance ...
+    ("fd-sweep", torch.float64): dict(rtol=1e-6, atol=1e-9),
+    # ... and which counts as converged (else the sample is skipped) when its two best
+    # estimates agree to this
+    ("fd-converged", torch.float64): dict(rtol=1e-5, atol=1e-9),
 }
 
 
