@@ -33,6 +33,10 @@ from .hessian import hessian as hessian
 from .hessian import hessian_matrix as hessian_matrix
 from .hvp import hvp as hvp
 from .hvp import hvps as hvps
+from .inverse import LissaResult as LissaResult
+from .inverse import LowRankInverse as LowRankInverse
+from .inverse import lissa as lissa
+from .inverse import low_rank_inverse as low_rank_inverse
 from .lanczos import EigshResult as EigshResult
 from .lanczos import LanczosResult as LanczosResult
 from .lanczos import PowerIterationResult as PowerIterationResult
@@ -58,6 +62,8 @@ __all__ = [
     "DiagEstimate",
     "EigshResult",
     "LanczosResult",
+    "LissaResult",
+    "LowRankInverse",
     "NewtonCGResult",
     "PowerIterationResult",
     "SLQResult",
@@ -90,8 +96,10 @@ __all__ = [
     "hvp",
     "hvps",
     "lanczos",
+    "lissa",
     "logdet",
     "losses",
+    "low_rank_inverse",
     "newton_cg_step",
     "per_sample_grads",
     "power_iteration",
