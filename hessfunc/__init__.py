@@ -33,6 +33,7 @@ from .hessian import hessian as hessian
 from .hessian import hessian_matrix as hessian_matrix
 from .hvp import hvp as hvp
 from .hvp import hvps as hvps
+from .influence import influence as influence
 from .inverse import LissaResult as LissaResult
 from .inverse import LowRankInverse as LowRankInverse
 from .inverse import lissa as lissa
@@ -95,6 +96,7 @@ __all__ = [
     "hutchpp_trace",
     "hvp",
     "hvps",
+    "influence",
     "lanczos",
     "lissa",
     "logdet",
