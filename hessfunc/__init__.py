@@ -34,6 +34,11 @@ from .hessian import hessian_matrix as hessian_matrix
 from .hvp import hessian_operator as hessian_operator
 from .hvp import hvp as hvp
 from .hvp import hvps as hvps
+from .influence import influence as influence
+from .inverse import LissaResult as LissaResult
+from .inverse import LowRankInverse as LowRankInverse
+from .inverse import lissa as lissa
+from .inverse import low_rank_inverse as low_rank_inverse
 from .lanczos import EigshResult as EigshResult
 from .lanczos import LanczosResult as LanczosResult
 from .lanczos import PowerIterationResult as PowerIterationResult
@@ -59,6 +64,8 @@ __all__ = [
     "DiagEstimate",
     "EigshResult",
     "LanczosResult",
+    "LissaResult",
+    "LowRankInverse",
     "NewtonCGResult",
     "PowerIterationResult",
     "SLQResult",
@@ -91,9 +98,12 @@ __all__ = [
     "hutchpp_trace",
     "hvp",
     "hvps",
+    "influence",
     "lanczos",
+    "lissa",
     "logdet",
     "losses",
+    "low_rank_inverse",
     "newton_cg_step",
     "per_sample_grads",
     "power_iteration",

@@ -49,8 +49,9 @@ def cg(
     Control flow never depends on tensor values, so with a fixed ``maxiter`` the whole solve
     compiles as one graph under ``torch.compile(fullgraph=True)``. With ``tol``, eager mode stops
     as soon as :math:`\|r\| \le \mathrm{tol}\, \|b\|` (one host sync per iteration); compiled
-    code runs all ``maxiter`` iterations but freezes ``x`` once converged (no sync, no graph
-    break), so both return the same ``x``.
+    code, and code under a ``torch.func`` transform such as ``vmap`` (one solve per right-hand
+    side of a batch), runs all ``maxiter`` iterations but freezes ``x`` once converged (no sync,
+    no graph break), so all return the same ``x``.
 
     Args:
         matvec: ``v -> A v`` for ``v`` shaped like ``b``.
@@ -100,7 +101,13 @@ def cg(
     active = torch.ones((), dtype=torch.bool, device=leaf.device)
     negative = torch.zeros((), dtype=torch.bool, device=leaf.device)
     iterations = torch.zeros((), dtype=torch.int64, device=leaf.device)
-    eager_stop = tol is not None and not torch.compiler.is_compiling()
+    # Stopping early reads a tensor on the host: not while compiling (a graph break), nor under
+    # a torch.func transform (vmap refuses it). Both run the fixed loop with x frozen instead.
+    eager_stop = (
+        tol is not None
+        and not torch.compiler.is_compiling()
+        and torch._C._functorch.peek_interpreter_stack() is None
+    )
     for _ in range(maxiter):
         if threshold is not None:
             active = active & (rs > threshold)

@@ -37,6 +37,14 @@ RTOL = {
     ("fd", torch.float64): 1e-7,
 }
 MODES = ("fwd-rev", "rev-rev")
+# Short solves: every unrolled step is compiled. The damping keeps every system positive definite
+# and the LiSSA scale is far above the top eigenvalue of every architecture's Hessian here.
+INFLUENCE_OPTIONS = {
+    "cg": {"maxiter": 2, "tol": None},
+    "lissa": {"scale": 50.0, "num_iters": 2},
+    "low_rank": {"rank": 2, "num_iters": 3},
+    "dense": {},
+}
 
 
 def _stack(*trees):
@@ -176,6 +184,28 @@ def products(apply, per_sample: bool, float_inputs: bool, dtype) -> dict:
         ),
         "exact",
     )
+    out["lissa"] = (
+        lambda p, v, w, x, y: (
+            hessfunc.lissa(
+                lambda t: hessfunc.hvp(loss, p, t, x, y), v, [()] * 3, damping=1.0, scale=50.0
+            ).x
+        ),
+        "exact",
+    )
+    out["low_rank_inverse"] = (
+        lambda p, v, w, x, y: hessfunc.low_rank_inverse(
+            lambda t: hessfunc.hvp(loss, p, t, x, y), v, 2, num_iters=3, damping=1.0
+        ).solve(w),
+        "exact",
+    )
+    if per_sample and float_inputs:  # per-sample gradients of the batch's own samples
+        for solver, options in INFLUENCE_OPTIONS.items():
+            out[f"influence[{solver}]"] = (
+                lambda p, v, w, x, y, solver=solver, options=options: hessfunc.influence(
+                    loss, p, (x, y), (x, y), damping=1.0, solver=solver, solver_options=options
+                ),
+                "exact",
+            )
     out["fd_grad"] = (
         lambda p, v, w, x, y: hessfunc.fd_grad(loss, p, x, y, directions=_stack(v, w)),
         "fd",
@@ -271,7 +301,8 @@ def _names(arch: str) -> list[str]:
 
 
 # The fast subset: the blocks where inductor miscompiled forward-over-reverse (a norm before
-# projection-free self-attention on a 3-D batch; top-k routing), in the modes that were wrong.
+# projection-free self-attention on a 3-D batch; top-k routing), in the modes that were wrong,
+# and one composite of solvers on top of products.
 FAST = [
     ("hand_rmsnorm_attention", "hvp[fwd-rev]", torch.float32, 1),
     ("rmsnorm_attention", "hvp[fwd-rev]", torch.float32, 1),
@@ -280,6 +311,8 @@ FAST = [
     ("mixture_of_experts", "hvp[fwd-rev]", torch.float32, 1),
     ("mixture_of_experts", "hessian_matrix[fwd-rev]", torch.float32, 2),
     ("gru", "hvp[rev-rev]", torch.float32, 1),
+    # the default influence route (per-sample gradients, a vmapped CG over the test samples)
+    ("grouped_conv", "influence[cg]", torch.float32, 1),
 ]
 
 # With two threads inductor parallelises other loops, so the code differs; the products built

@@ -63,6 +63,21 @@ def test_cg_with_fixed_iterations_is_a_partial_solve_and_flags_negative_curvatur
     torch.testing.assert_close(res.x, b / (torch.diagonal(A) + 2.0), **tol("exact", torch.float64))
 
 
+def test_cg_with_tol_under_vmap_freezes_each_solve_instead_of_stopping():
+    """vmap refuses the host read of an early stop; each right-hand side is frozen once it has
+    converged, so the batch equals solving the right-hand sides one by one."""
+    A = spd(6, 3, cond=50.0)
+    B = torch.randn(4, 6, generator=torch.Generator().manual_seed(4))
+    B[0] = torch.linalg.eigh(A).eigenvectors[:, 0]  # converges in one step; the others in ~6
+    batched = torch.func.vmap(lambda b: hessfunc.cg(lambda v: A @ v, b, maxiter=20, tol=1e-10))(B)
+    for i in range(4):
+        one = hessfunc.cg(lambda v: A @ v, B[i], maxiter=20, tol=1e-10)  # stops early, eagerly
+        torch.testing.assert_close(batched.x[i], one.x, rtol=1e-12, atol=1e-12)
+        assert int(batched.iterations[i]) == int(one.iterations)
+    assert int(batched.iterations[0]) == 1 < int(batched.iterations[1])
+    assert not batched.negative_curvature.any()
+
+
 def test_cg_bad_input():
     with pytest.raises(ValueError, match="hessfunc.cg.*maxiter"):
         hessfunc.cg(lambda v: v, torch.ones(2), maxiter=-1)

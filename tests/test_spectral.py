@@ -581,11 +581,12 @@ def test_a_batched_product_gives_the_vmapped_result_and_is_called_on_blocks():
     assert_same(batched(v0), op(v0))
 
 
-SPECTRAL_MODULES = ["estimators", "lanczos", "slq", "blocks", "_operator"]
-AD_MODULES = {"hvp", "ggn", "fisher", "hessian", "fd", "check", "module", "solvers"}
+# the matvec algorithms: the spectral layer and the inverse products beside cg
+MATVEC_MODULES = ["estimators", "lanczos", "slq", "blocks", "_operator", "inverse"]
+AD_MODULES = {"hvp", "ggn", "fisher", "hessian", "fd", "check", "module", "solvers", "influence"}
 
 
-@pytest.mark.parametrize("name", SPECTRAL_MODULES)
+@pytest.mark.parametrize("name", MATVEC_MODULES)
 def test_matvec_algorithms_import_no_differentiation_module(name):
     source = (Path(hessfunc.__file__).parent / f"{name}.py").read_text()
     imported = set()

@@ -1,0 +1,544 @@
+r"""Influence functions: which training samples moved a test prediction, and by how much.
+
+For a model fitted by minimising the mean training loss :math:`L(\theta) = \frac1N \sum_j
+\ell_j(\theta) + R(\theta)` (``loss(params, *train)``, regulariser included), removing training
+sample ``j`` and refitting moves the minimiser by, to first order in :math:`1/N`,
+
+.. math:: \theta_{-j} - \theta \approx \frac1N H^{-1} g_j, \qquad
+   g_j = \nabla_\theta \big(\ell_j + R\big)(\theta), \quad H = \nabla^2 L(\theta),
+
+(Koh & Liang 2017: the refit's gradient at :math:`\theta` is :math:`-g_j/(N - 1)`, and one Newton
+step from there) and so the loss of test sample ``t`` by
+
+.. math:: \mathcal I_{tj} = \frac1N\, \nabla \ell_t(\theta)^\top (H + \lambda I)^{-1} g_j .
+
+Positive: removing ``j`` raises ``t``'s loss (``j`` helped ``t``); negative: ``j`` hurt it.
+:math:`g_j` is the gradient of ``loss`` on sample ``j`` alone, which holds the regulariser once,
+exactly as the leave-one-out refit needs.
+
+**Positive definiteness.** The formula is the change of a refit only where
+:math:`H + \lambda I` is positive definite: at a minimum of a convex loss (logistic or ridge
+regression), it is. For a non-convex model, at a point that is not an exact minimum or in a
+flat or negatively curved direction, an eigenvalue :math:`\mu_i + \lambda \le 0` turns the
+contribution :math:`(u_i^\top \nabla\ell_t)(u_i^\top g_j) / (N(\mu_i + \lambda))` around (the
+"inverse" pushes uphill) and one near zero blows it up; the scores are then dominated by
+a few directions that say nothing about the refit. The fix is damping: a :math:`\lambda` above
+the most negative eigenvalue (find it with :func:`hessfunc.eigsh` and ``which="SA"``; 1e-3 to
+1e-2 times the largest is common), or a positive semi-definite curvature such as the
+Gauss-Newton matrix through ``curvature=``. A damped score estimates the change of a refit
+kept near :math:`\theta` by a proximal term :math:`\frac\lambda2 \|\theta' - \theta\|^2`, not of
+the full refit. Every solver reports what it can see of this (CG: a direction of non-positive
+curvature; LiSSA: divergence; low rank and dense: an eigenvalue), and eager calls warn.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch.func import vmap
+
+from . import _checks, _memory, _tree
+from ._types import Mode, PyTree
+from .fisher import per_sample_grads
+from .hessian import hessian_matrix, rows_over_basis
+from .hvp import hvp
+from .inverse import _check_damping, lissa, low_rank_inverse
+from .solvers import cg
+
+__all__ = ["influence"]
+
+Solver = Literal["cg", "lissa", "low_rank", "dense"]
+WHERE = "hessfunc.influence(loss, params, train, test)"
+
+
+class _Problem(NamedTuple):
+    """What a solver factory needs to know about the training problem."""
+
+    params: PyTree
+    matvec: Callable[[PyTree], PyTree]  # v -> C v, C the curvature of the mean training loss
+    batch_matvec: Callable[..., PyTree]  # (v, *batch) -> C_batch v, one minibatch's curvature
+    dense: Callable[[int | None, int | None], torch.Tensor]  # (chunk, max_bytes) -> (n, n) C
+    n: int
+
+
+class _Solve(NamedTuple):
+    """A built solver, applied to blocks of right-hand sides.
+
+    ``block(G)`` maps a pytree with leading axis ``k`` to ``(k, n)`` solutions and a dict of
+    0-d bool flags, each explained by ``_MESSAGES``.
+    """
+
+    block: Callable[[PyTree], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+_MESSAGES = {
+    "negative_curvature": (
+        "CG met a direction of non-positive curvature: H + damping*I is not positive definite "
+        "(a non-convex model away from a minimum, or too little damping). CG stops moving "
+        "along such a direction, so the scores are not those of the formula."
+    ),
+    "unconverged": (
+        "CG did not reach its tolerance within maxiter iterations; raise "
+        "solver_options['maxiter'], or the damping (fewer iterations for a better-conditioned "
+        "system)."
+    ),
+    "diverged": (
+        "the Neumann series (LiSSA) diverged and the affected scores are nan: scale is below "
+        "half the largest eigenvalue of H + damping*I, or H + damping*I has a negative "
+        "eigenvalue. Take scale >= (largest eigenvalue) + damping (hessfunc.eigsh finds it)."
+    ),
+    "not_positive_definite": (
+        "H + damping*I has an eigenvalue <= 0 (a non-convex model away from a minimum, or too "
+        "little damping): the scores along such directions have their sign turned around and "
+        "are amplified by 1 / |eigenvalue + damping|."
+    ),
+}
+_FIX = (
+    " Raise damping above the most negative eigenvalue of H (hessfunc.eigsh(..., which='SA')), "
+    "or pass a positive semi-definite curvature (Gauss-Newton) through curvature=."
+)
+
+
+def _batch_size(name: str, data: Any) -> int:
+    if not isinstance(data, (tuple, list)) or not data:
+        raise TypeError(
+            f"{WHERE}: {name} must be a non-empty tuple of batched arguments for loss, e.g. "
+            f"(X_{name}, y_{name}), samples along axis 0; got {type(data).__name__}."
+        )
+    sizes = set()
+    for k, arg in enumerate(data):
+        leaves = _tree.tree_leaves(arg)
+        if not leaves:
+            raise ValueError(f"{WHERE}: {name}[{k}] holds no tensor.")
+        for leaf in leaves:
+            if not isinstance(leaf, torch.Tensor) or leaf.dim() == 0:
+                what = tuple(leaf.shape) if isinstance(leaf, torch.Tensor) else type(leaf)
+                raise ValueError(
+                    f"{WHERE}: every leaf of {name} must be a tensor with the samples along "
+                    f"axis 0; {name}[{k}] has a leaf {what}. Close over shared arguments in "
+                    "loss instead."
+                )
+            sizes.add(leaf.shape[0])
+    if len(sizes) != 1:
+        raise ValueError(
+            f"{WHERE}: the arguments in {name} disagree on the number of samples: {sorted(sizes)}."
+        )
+    return sizes.pop()
+
+
+def _slice(data: tuple, start: int, stop: int) -> tuple:
+    return tuple(_tree.tree_map(lambda t: t[start:stop], a) for a in data)
+
+
+def _spans(size: int, chunk: int | None) -> Iterator[tuple[int, int]]:
+    step = size if chunk is None else chunk
+    for start in range(0, size, step):
+        yield start, min(start + step, size)
+
+
+def _map_rows(fn: Callable[[PyTree], Any], rows: PyTree, k: int) -> Any:
+    """``fn`` on each row of ``rows`` (leading axis ``k``).
+
+    Through ``vmap``, or one plain call for a single row (so eager solvers can stop early, which
+    ``vmap`` forbids).
+    """
+    if k > 1:
+        return vmap(fn)(rows)
+    out = fn(_tree.tree_map(lambda t: t[0], rows))
+    return _tree.tree_map(lambda t: t.unsqueeze(0), out)
+
+
+def _options(name: str, given: Mapping[str, Any], allowed: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"{WHERE}: unknown solver_options {unknown} for solver={name!r}; it accepts "
+            f"{sorted(allowed)}."
+        )
+    return {**allowed, **given}
+
+
+def _cg(problem: _Problem, damping: Any, given: Mapping[str, Any]) -> _Solve:
+    opts = _options("cg", given, {"maxiter": min(problem.n, 100), "tol": 1e-6})
+
+    def one(g: PyTree) -> Any:
+        return cg(problem.matvec, g, maxiter=opts["maxiter"], damping=damping, tol=opts["tol"])
+
+    def block(G: PyTree) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        k = _tree.tree_leaves(G)[0].shape[0]
+        res = _map_rows(one, G, k)
+        flags = {"negative_curvature": res.negative_curvature.any()}
+        if opts["tol"] is not None:
+            b_norm = torch.sqrt(_tree.row_vdot(G, G))
+            # 1% over the tolerance: the recurrence's residual, not a recomputed one
+            flags["unconverged"] = (res.residual_norm > 1.01 * opts["tol"] * b_norm).any()
+        return _tree.ravel_rows(res.x), flags
+
+    return _Solve(block)
+
+
+def _lissa(problem: _Problem, damping: Any, given: Mapping[str, Any]) -> _Solve:
+    opts = _options("lissa", given, {"scale": None, "num_iters": 1000, "batches": None})
+    if opts["scale"] is None:
+        raise ValueError(
+            f"{WHERE}: solver='lissa' needs solver_options={{'scale': s}} with s at least the "
+            "largest eigenvalue of the curvature plus damping (the series diverges below half "
+            "of it); estimate it with hessfunc.eigsh(lambda v: hessfunc.hvp(loss, params, v, "
+            "*train), v0, 1)."
+        )
+    if opts["batches"] is None:
+        steps, matvec = [()] * opts["num_iters"], (lambda v: problem.matvec(v))
+    else:
+        steps, matvec = opts["batches"], problem.batch_matvec
+        if iter(steps) is steps:
+            raise TypeError(
+                f"{WHERE}: solver_options['batches'] is an iterator, used up by the first block "
+                "of test samples; pass a re-iterable (a list of (x, y) minibatches, a DataLoader)."
+            )
+
+    def one(g: PyTree) -> Any:
+        return lissa(matvec, g, steps, damping=damping, scale=opts["scale"])
+
+    def block(G: PyTree) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        k = _tree.tree_leaves(G)[0].shape[0]
+        res = _map_rows(one, G, k)
+        return _tree.ravel_rows(res.x), {"diverged": res.diverged.any()}
+
+    return _Solve(block)
+
+
+def _default_start(like: PyTree) -> PyTree:
+    """A fixed Lanczos start vector with no structure in common with a curvature matrix.
+
+    A cosine at an irrational frequency over the raveled entries: it compiles and needs no RNG.
+    """
+    flat, unravel = _tree.ravel(like)
+    idx = torch.arange(flat.numel(), dtype=flat.dtype, device=flat.device)
+    return unravel(torch.cos(idx * 0.7548776662 + 0.5698402910))
+
+
+def _low_rank(problem: _Problem, damping: Any, given: Mapping[str, Any]) -> _Solve:
+    opts = _options("low_rank", given, {"rank": None, "num_iters": None, "v0": None})
+    if opts["rank"] is None:
+        raise ValueError(
+            f"{WHERE}: solver='low_rank' needs solver_options={{'rank': r}}: the number of top "
+            "eigenpairs kept (e.g. 20 to 200; the error is at most the (r+1)-th eigenvalue over "
+            "damping)."
+        )
+    if not isinstance(damping, torch.Tensor) and not damping > 0:
+        raise ValueError(
+            f"{WHERE}: solver='low_rank' needs damping > 0 (the space outside the kept "
+            f"eigenvectors is divided by it); got damping={damping!r}."
+        )
+    v0 = opts["v0"] if opts["v0"] is not None else _default_start(problem.params)
+    inv = low_rank_inverse(
+        problem.matvec, v0, opts["rank"], num_iters=opts["num_iters"], damping=damping
+    )
+    bad = (inv.eigenvalues + damping <= 0).any()
+
+    def block(G: PyTree) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        k = _tree.tree_leaves(G)[0].shape[0]
+        return _tree.ravel_rows(_map_rows(inv.solve, G, k)), {"not_positive_definite": bad}
+
+    return _Solve(block)
+
+
+def _dense(problem: _Problem, damping: Any, given: Mapping[str, Any]) -> _Solve:
+    opts = _options("dense", given, {"chunk_size": None, "max_bytes": None})
+    C = problem.dense(opts["chunk_size"], opts["max_bytes"])
+    evals, evecs = torch.linalg.eigh(0.5 * (C + C.T))
+    shifted = evals + damping
+    bad = (shifted <= 0).any()
+
+    def block(G: PyTree) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        rows = _tree.ravel_rows(G).to(evecs.dtype)
+        return ((rows @ evecs) / shifted) @ evecs.T, {"not_positive_definite": bad}
+
+    return _Solve(block)
+
+
+def _user_solver(solver: Any, damping: Any) -> _Solve:
+    """A solver passed in: an object with ``.solve(b, damping)`` or a callable ``b -> x``.
+
+    Applied one row at a time unless a block size is given (it need not support ``vmap``).
+    """
+    if hasattr(solver, "solve") and callable(solver.solve):
+
+        def one(g: PyTree) -> PyTree:
+            return solver.solve(g, damping)
+
+    elif callable(solver):
+        if not isinstance(damping, torch.Tensor) and damping != 0:
+            raise ValueError(
+                f"{WHERE}: a callable solver b -> x applies its own damping, so damping must "
+                f"stay 0 (got {damping!r}); pass an object with .solve(b, damping) to let "
+                "influence set it."
+            )
+        one = solver
+    else:
+        raise TypeError(
+            f"{WHERE}: solver must be one of {sorted(_SOLVERS)}, an object with a "
+            "method .solve(b, damping) -> (C + damping I)^-1 b, or a callable b -> x; got "
+            f"{type(solver).__name__}."
+        )
+
+    def block(G: PyTree) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        k = _tree.tree_leaves(G)[0].shape[0]
+        return _tree.ravel_rows(_map_rows(one, G, k)), {}
+
+    return _Solve(block)
+
+
+# name -> factory(problem, damping, solver_options) -> _Solve. A new backend is one entry.
+_SOLVERS: dict[str, Callable[[_Problem, Any, Mapping[str, Any]], _Solve]] = {
+    "cg": _cg,
+    "lissa": _lissa,
+    "low_rank": _low_rank,
+    "dense": _dense,
+}
+
+
+def _problem(
+    loss: Callable[..., torch.Tensor],
+    params: PyTree,
+    train: tuple,
+    num_train: int,
+    curvature: Any,
+    chunk_size: int | None,
+    mode: Mode,
+) -> _Problem:
+    if curvature == "hessian":
+
+        def batch_matvec(v: PyTree, *batch: Any) -> PyTree:
+            return hvp(loss, params, v, *batch, mode=mode)
+
+    elif callable(curvature):
+
+        def batch_matvec(v: PyTree, *batch: Any) -> PyTree:
+            return curvature(params, v, *batch)
+
+    else:
+        raise ValueError(
+            f"{WHERE}: curvature must be 'hessian' or a callable (params, v, *batch) -> C v "
+            f"of the mean loss on batch (regulariser included), got {curvature!r}; for "
+            "Gauss-Newton pass lambda p, v, X, y: hessfunc.ggn_vp(model_fn, "
+            "hessfunc.losses.CrossEntropyLoss(y), p, v, X) plus the regulariser's term."
+        )
+    spans = list(_spans(num_train, chunk_size))
+
+    def matvec(v: PyTree) -> PyTree:
+        # the mean over chunks weighted by their sizes: exact for a mean loss plus a regulariser
+        total = None
+        for start, stop in spans:
+            part = batch_matvec(v, *_slice(train, start, stop))
+            part = part if len(spans) == 1 else _tree.scale((stop - start) / num_train, part)
+            total = part if total is None else _tree.add(total, part)
+        return total
+
+    flat, unravel = _tree.ravel(params)
+    n = flat.numel()
+
+    def dense(basis_chunk: int | None, max_bytes: int | None) -> torch.Tensor:
+        total = None
+        for start, stop in spans:
+            part_data = _slice(train, start, stop)
+            if curvature == "hessian":
+                part = hessian_matrix(
+                    loss, params, *part_data, mode=mode, chunk_size=basis_chunk,
+                    max_bytes=max_bytes,
+                )  # fmt: skip
+            else:
+                _memory.guard(WHERE, n, flat.dtype, flat.device, basis_chunk, max_bytes)
+
+                def row(e: torch.Tensor, part_data: tuple = part_data) -> torch.Tensor:
+                    return _tree.ravel(batch_matvec(unravel(e), *part_data))[0].to(flat.dtype)
+
+                part = rows_over_basis(WHERE, vmap(row), flat, basis_chunk)
+            part = part if len(spans) == 1 else part * ((stop - start) / num_train)
+            total = part if total is None else total + part
+        return total
+
+    return _Problem(params, matvec, batch_matvec, dense, n)
+
+
+def influence(
+    loss: Callable[..., torch.Tensor],
+    params: PyTree,
+    train: tuple,
+    test: tuple,
+    *,
+    damping: float | torch.Tensor = 0.0,
+    solver: Solver | Any = "cg",
+    solver_options: Mapping[str, Any] | None = None,
+    curvature: Literal["hessian"] | Callable[..., PyTree] = "hessian",
+    test_loss: Callable[..., torch.Tensor] | None = None,
+    chunk_size: int | None = None,
+    test_chunk_size: int | None = None,
+    mode: Mode = "fwd-rev",
+) -> torch.Tensor:
+    r"""Influence of every training sample on every test sample's loss (leave-one-out, linearised).
+
+    Entry ``[t, j]`` of the result is :math:`\frac1N \nabla\ell_t(\theta)^\top (C + \lambda
+    I)^{-1} g_j`: the first-order estimate of how much test sample ``t``'s loss changes when
+    training sample ``j`` is removed and the model refit (see the module docstring for the
+    derivation and for what positive definiteness means here). Positive: removing ``j`` raises
+    ``t``'s loss. ``C`` is the Hessian of the mean training loss at ``params`` (which should be
+    a minimum, fitted to a small gradient norm), or the curvature you pass.
+
+    The inverse is applied once per test sample (to its gradient), never per training sample:
+    test samples are taken ``test_chunk_size`` at a time, their gradients solved together (one
+    ``vmap``-ed solve, so each matvec is one batched product), and the solutions kept. Then the
+    training samples pass once, ``chunk_size`` at a time, each chunk's per-sample gradients
+    dotted with every solution and dropped.
+
+    Solvers (``solver_options`` in brackets, defaults after ``=``):
+
+    * ``"cg"`` [``maxiter=min(n, 100)``, ``tol=1e-6``]: :func:`hessfunc.cg`; the default.
+      Relative error of a solution at most :math:`\kappa \cdot` ``tol``, :math:`\kappa` the
+      condition number of :math:`C + \lambda I`. Eager calls warn when ``tol`` was not met.
+    * ``"lissa"`` [``scale`` (required), ``num_iters=1000``, ``batches=None``]:
+      :func:`hessfunc.lissa` on the full training curvature, ``num_iters`` steps; or with
+      ``batches``, a re-iterable of training minibatch tuples, one stochastic step each.
+      Relative error :math:`(1 - (\mu_{\min} + \lambda)/s)^{T+1}` on a fixed operator.
+    * ``"low_rank"`` [``rank`` (required), ``num_iters=None``, ``v0=None``]:
+      :func:`hessfunc.low_rank_inverse` built once, then one cheap solve per test sample.
+      Needs ``damping > 0``; relative error at most :math:`\mu_{r+1}/\lambda` for a
+      positive semi-definite curvature, :math:`\max_{i>r} |\mu_i|/\lambda` otherwise (more
+      for unconverged eigenpairs).
+    * ``"dense"`` [``chunk_size=None``, ``max_bytes=None``, passed to the dense build]: the
+      dense curvature (:func:`hessfunc.hessian_matrix` for the Hessian) and its
+      eigendecomposition: exact, :math:`O(n^2)` memory and :math:`O(n^3)` time; the reference.
+    * an object with ``.solve(b, damping)`` returning :math:`(C + \lambda I)^{-1} b` (a
+      :class:`hessfunc.LowRankInverse` built beforehand, or any factorisation of your own),
+      or a callable ``b -> x`` with its damping built in (then leave ``damping=0``). They are
+      applied one test sample at a time unless ``test_chunk_size`` is given, then through
+      ``vmap``.
+
+    When :math:`C + \lambda I` is not positive definite, eager calls warn (``RuntimeWarning``,
+    naming the fix); compiled calls cannot, so check a compiled pipeline eagerly once.
+
+    Args:
+        loss: ``loss(params, *batch) -> scalar``: the **mean** loss over the batch plus any
+            regulariser (the objective that was minimised). Called on all of ``train`` for the
+            curvature and on one sample at a time (a batch of one) for the gradients.
+        params: the fitted parameters, a pytree of floating tensors.
+        train: a tuple of the training arguments of ``loss``, samples along axis 0 (``N``).
+        test: a tuple of test arguments, samples along axis 0 (``n_test``).
+        damping: :math:`\lambda \ge 0` (a number or a 0-d tensor).
+        solver: ``"cg"``, ``"lissa"``, ``"low_rank"``, ``"dense"``, or an object or callable as
+            above.
+        solver_options: the chosen solver's options (a dict; see the list above).
+        curvature: ``"hessian"`` (default) or a callable ``(params, v, *batch) -> C v`` for the
+            mean loss on ``batch``, regulariser included, e.g. a Gauss-Newton product plus
+            ``weight_decay * v``.
+        test_loss: ``test_loss(params, *test_sample) -> scalar``, the quantity whose change is
+            predicted (default ``loss``; pass the loss without the regulariser to predict the
+            change of the test loss alone, or any scalar of the prediction, such as a logit).
+        chunk_size: training samples per pass through the model (per-sample gradients and,
+            weighted by size, curvature products); ``None``: all ``N`` at once.
+        test_chunk_size: test samples solved together (``None``: all of them, for the built-in
+            solvers; one at a time for a solver you pass).
+        mode: AD mode of the Hessian products (see :func:`hessfunc.hvp`).
+
+    Returns:
+        An ``(n_test, N)`` tensor in the parameters' (promoted) dtype.
+
+    Cost:
+        ``n_test + N`` gradients (per sample, vectorised), plus the solver: CG ``maxiter``
+        curvature products per test block (each a ``vmap`` over the block, over all ``N``
+        training samples), LiSSA ``num_iters`` per block, low rank ``num_iters`` once, dense
+        ``n`` once plus an :math:`O(n^3)` eigendecomposition. Memory: ``n_test + chunk_size``
+        parameter-sized vectors (solutions, one chunk of training gradients), plus the
+        solver's working set for one block (CG: four vectors per test sample in it; low rank:
+        ``rank`` vectors; dense: :math:`2n^2`).
+
+    Example:
+        Ridge regression, where the Hessian is :math:`\frac2N X^\top X + 2\alpha I` and the
+        refit of an exact minimum is again exact to first order:
+
+        >>> import torch, hessfunc
+        >>> X = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+        >>> y = torch.tensor([1.0, 2.0, 2.5], dtype=torch.float64)
+        >>> loss = lambda w, X, y: ((X @ w - y) ** 2).mean() + 0.1 * (w**2).sum()
+        >>> H = 2 * X.T @ X / 3 + 0.2 * torch.eye(2, dtype=torch.float64)
+        >>> w = torch.linalg.solve(H, 2 * X.T @ y / 3)  # the exact minimiser
+        >>> scores = hessfunc.influence(loss, w, (X, y), (X[:1], y[:1]))
+        >>> g = lambda x, t: 2 * (x @ w - t) * x + 0.2 * w  # gradient of one sample's loss
+        >>> expected = torch.stack([g(X[0], y[0]) @ torch.linalg.solve(H, g(X[j], y[j])) / 3
+        ...                         for j in range(3)])
+        >>> torch.allclose(scores[0], expected)
+        True
+    """
+    _checks.check_params(WHERE, params)
+    _checks.check_mode(WHERE, mode)
+    _checks.check_chunk_size(WHERE, chunk_size)
+    if test_chunk_size is not None and (
+        isinstance(test_chunk_size, bool)
+        or not isinstance(test_chunk_size, int)
+        or test_chunk_size < 1
+    ):
+        raise ValueError(
+            f"{WHERE}: test_chunk_size must be None or a positive int, got {test_chunk_size!r}."
+        )
+    _check_damping(WHERE, damping)
+    if not callable(loss):
+        raise TypeError(f"{WHERE}: loss must be callable as loss(params, *batch) -> scalar.")
+    if test_loss is not None and not callable(test_loss):
+        raise TypeError(f"{WHERE}: test_loss must be None or callable like loss.")
+    if solver_options is not None and not isinstance(solver_options, Mapping):
+        raise TypeError(
+            f"{WHERE}: solver_options must be a dict of the solver's options, e.g. "
+            f"{{'maxiter': 50}}; got {type(solver_options).__name__}."
+        )
+    num_train = _batch_size("train", train)
+    num_test = _batch_size("test", test)
+    train, test = tuple(train), tuple(test)
+    problem = _problem(loss, params, train, num_train, curvature, chunk_size, mode)
+
+    if isinstance(solver, str):
+        if solver not in _SOLVERS:
+            raise ValueError(
+                f"{WHERE}: unknown solver={solver!r}; expected one of {sorted(_SOLVERS)}, an "
+                "object with .solve(b, damping), or a callable b -> x."
+            )
+        built = _SOLVERS[solver](problem, damping, dict(solver_options or {}))
+        block_size = test_chunk_size
+    else:
+        if solver_options:
+            raise ValueError(
+                f"{WHERE}: solver_options apply to the built-in solvers only; configure your "
+                "solver object itself."
+            )
+        built = _user_solver(solver, damping)
+        block_size = 1 if test_chunk_size is None else test_chunk_size
+
+    # 1. one inverse product per test sample, a block at a time
+    grad_test = test_loss if test_loss is not None else loss
+    solutions, flags = [], {}
+    for start, stop in _spans(num_test, block_size):
+        G = per_sample_grads(grad_test, params, *_slice(test, start, stop))
+        rows, block_flags = built.block(G)
+        solutions.append(rows)
+        for name, flag in block_flags.items():
+            flags[name] = flag if name not in flags else flags[name] | flag
+    S = torch.cat(solutions) if len(solutions) > 1 else solutions[0]
+
+    # 2. one pass over the training samples: a chunk of per-sample gradients at a time
+    columns = []
+    for start, stop in _spans(num_train, chunk_size):
+        G = _tree.ravel_rows(per_sample_grads(loss, params, *_slice(train, start, stop)))
+        columns.append(S @ G.to(S.dtype).T)
+    scores = (torch.cat(columns, 1) if len(columns) > 1 else columns[0]) / num_train
+
+    if not torch.compiler.is_compiling():
+        raised = {name for name, flag in flags.items() if bool(flag)}
+        if "negative_curvature" in raised:
+            raised.discard("unconverged")  # CG stopped because of it: one cause, one warning
+        for name in flags:
+            if name in raised:
+                fix = _FIX if name != "unconverged" else ""
+                warnings.warn(f"{WHERE}: {_MESSAGES[name]}{fix}", RuntimeWarning, stacklevel=2)
+    return scores
