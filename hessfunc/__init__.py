@@ -7,6 +7,8 @@ from .check import check_grad as check_grad
 from .check import check_hessian as check_hessian
 from .check import check_hvp as check_hvp
 from .check_compiled import check_compiled as check_compiled
+from .ekfac import EKFAC as EKFAC
+from .ekfac import ekfac as ekfac
 from .fd import fd_grad as fd_grad
 from .fd import fd_hessian_matrix as fd_hessian_matrix
 from .fd import fd_hvp as fd_hvp
@@ -20,6 +22,8 @@ from .hessian import hessian as hessian
 from .hessian import hessian_matrix as hessian_matrix
 from .hvp import hvp as hvp
 from .hvp import hvps as hvps
+from .kfac import KFAC as KFAC
+from .kfac import kfac as kfac
 from .module import from_module as from_module
 from .solvers import CGResult as CGResult
 from .solvers import NewtonCGResult as NewtonCGResult
@@ -31,12 +35,15 @@ __version__ = "0.1.0"
 __all__ = [
     "CGResult",
     "CheckReport",
+    "EKFAC",
+    "KFAC",
     "NewtonCGResult",
     "cg",
     "check_compiled",
     "check_grad",
     "check_hessian",
     "check_hvp",
+    "ekfac",
     "fd_grad",
     "fd_hessian_matrix",
     "fd_hvp",
@@ -50,6 +57,7 @@ __all__ = [
     "hessian_matrix",
     "hvp",
     "hvps",
+    "kfac",
     "losses",
     "newton_cg_step",
     "per_sample_grads",
