@@ -49,6 +49,9 @@ def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) 
 
 
 def _name(func: Any) -> str:
+    owner = getattr(func, "__self__", None)
+    if getattr(func, "__name__", None) == "__get__" and hasattr(owner, "__name__"):
+        return f"Tensor.{owner.__name__}"  # an attribute read such as Tensor.T
     qual = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
     return qual.replace("_VariableFunctionsClass.", "torch.").replace("TensorBase.", "Tensor.")
 
