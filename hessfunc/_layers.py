@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -115,7 +115,9 @@ class Recorder(TorchFunctionMode):
             for item in items:
                 i = self.index(item)
                 if i is not None and i not in self.others:
-                    self.others[i] = _name(func)
+                    # dynamo cannot trace string work on a builtin's name: the eager call names
+                    # the function, a compiled one says only that there is another use
+                    self.others[i] = "" if self.ids is None else _name(func)
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
@@ -188,7 +190,14 @@ class Layout:
     blocks: tuple[Block, ...]
     shapes: tuple[tuple[int, ...], ...]
     paths: tuple[str, ...]
-    uncovered: tuple[tuple[str, str], ...]
+    uncovered_paths: tuple[str, ...]
+    reasons: tuple[str, ...] = field(compare=False)
+    """Why each uncovered leaf is uncovered (informative: not part of equality)."""
+
+    @property
+    def uncovered(self) -> tuple[tuple[str, str], ...]:
+        """``(path, reason)`` for every leaf no block covers."""
+        return tuple(zip(self.uncovered_paths, self.reasons, strict=True))
 
     def check(self, where: str, name: str, tree: Any) -> list[torch.Tensor]:
         """The leaves of ``tree``, checked to be shaped like the parameters."""
@@ -218,7 +227,8 @@ def plan(
 ) -> tuple[Layout, tuple[tuple[int, ...], ...]]:
     """The layout of one recorded run, and for each block the indices of its calls."""
     why: dict[int, str] = {
-        i: f"used by {name}, not only as the weight or bias of {SUPPORTED}"
+        i: f"used by {name or 'another torch function (an eager call names it)'}, not only as "
+        f"the weight or bias of {SUPPORTED}"
         for i, name in others.items()
     }
     by_weight: dict[int, list[int]] = {}
@@ -273,16 +283,16 @@ def plan(
         names = tuple(paths[i] for i in (w, b) if i is not None)
         blocks.append(Block(w, b, groups, out_features, in_features, op, names))
     covered = {i for _, w, b, _ in specs for i in (w, b) if i is not None}
-    uncovered = tuple(
-        (
-            paths[i],
-            why.get(i, "not passed to any torch function while model_fn ran (no curvature)"),
-        )
-        for i in range(len(leaves))
-        if i not in covered
-    )
+    missing = [i for i in range(len(leaves)) if i not in covered]
+    unused = "not passed to any torch function while model_fn ran (no curvature)"
     shapes = tuple(tuple(leaf.shape) for leaf in leaves)
-    layout = Layout(tuple(blocks), shapes, tuple(paths), uncovered)
+    layout = Layout(
+        tuple(blocks),
+        shapes,
+        tuple(paths),
+        tuple(paths[i] for i in missing),
+        tuple(why.get(i, unused) for i in missing),
+    )
     return layout, tuple(ks for _, _, _, ks in specs)
 
 
