@@ -30,7 +30,7 @@ from . import _kron
 from ._kron import Fisher
 from ._layers import Layout
 from ._types import PyTree
-from .kfac import KFAC, _normalise_grads, factor_sums
+from .kfac import KFAC, _add, _normalise_grads, factor_sums
 from .losses import Loss
 
 __all__ = ["EKFAC", "Moments", "ekfac"]
@@ -43,6 +43,35 @@ class Moments(NamedTuple):
     """Per block the summed squared projections, ``(groups, out_features, size)``."""
     loss_terms: torch.Tensor | None
     """Loss terms a ``"mean"`` reduction divides by (0-d int64); ``None`` for ``"sum"``."""
+
+    def add(self, other: Moments) -> Moments:
+        """The moments of both batches (computed in the same basis): sums and counts added.
+
+        Args:
+            other: the ``moments`` of ``ekfac(..., basis=B)`` on other data, with the same
+                basis ``B``.
+
+        Returns:
+            ``Moments`` of the union of the batches.
+
+        Cost:
+            One addition per block.
+
+        Example:
+            >>> import torch, hessfunc
+            >>> from hessfunc.losses import MSELoss
+            >>> model = lambda p, X: torch.nn.functional.linear(X, p["w"])
+            >>> X, w = torch.eye(2, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64)
+            >>> B = hessfunc.kfac(model, MSELoss(torch.zeros(2, 1)), {"w": w}, X)
+            >>> loss = MSELoss(torch.zeros(1, 1))
+            >>> parts = [
+            ...     hessfunc.ekfac(model, loss, {"w": w}, X[i : i + 1], basis=B) for i in range(2)
+            ... ]
+            >>> E = parts[0]._replace(moments=parts[0].moments.add(parts[1].moments))
+            >>> torch.allclose(E.dense(), B.dense())
+            True
+        """
+        return _add("hessfunc.ekfac.Moments.add(other)", self, other)
 
 
 class EKFAC(NamedTuple):

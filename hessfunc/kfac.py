@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
 
-from . import _kron
+from . import _kron, _tree
 from ._kron import Fisher, Pass
 from ._layers import Layout
 from ._types import PyTree
@@ -103,6 +103,33 @@ class KFAC(NamedTuple):
         blocks = ", ".join(f"{b.op}[{'+'.join(b.names)}]" for b in self.layout.blocks)
         extra = f"; uncovered: {', '.join(p for p, _ in self.uncovered)}" if self.uncovered else ""
         return f"KFAC({blocks}{extra})"
+
+    def add(self, other: KFAC) -> KFAC:
+        """The K-FAC of both batches: every sum and count added (equal layouts required).
+
+        Args:
+            other: a ``KFAC`` of the same model, parameters and options on other data.
+
+        Returns:
+            A ``KFAC`` whose factors are those of the union of the two batches.
+
+        Cost:
+            One addition per stored tensor.
+
+        Example:
+            >>> import torch, hessfunc
+            >>> from hessfunc.losses import MSELoss
+            >>> model = lambda p, X: torch.nn.functional.linear(X, p["w"])
+            >>> X, w = torch.eye(2, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64)
+            >>> halves = [
+            ...     hessfunc.kfac(model, MSELoss(torch.zeros(1, 1)), {"w": w}, X[i : i + 1])
+            ...     for i in range(2)
+            ... ]
+            >>> whole = hessfunc.kfac(model, MSELoss(torch.zeros(2, 1)), {"w": w}, X)
+            >>> torch.equal(halves[0].add(halves[1]).dense(), whole.dense())
+            True
+        """
+        return _add("hessfunc.KFAC.add(other)", self, other)
 
     def matvec(self, v: PyTree) -> PyTree:
         r"""The product :math:`K v`, a pytree like ``v`` (zero on uncovered leaves).
@@ -264,6 +291,25 @@ class KFAC(NamedTuple):
             qgs.append(qg)
             sums.append(lg.unsqueeze(-1) * la.unsqueeze(-2))
         return EKFAC(tuple(qas), tuple(qgs), Moments(tuple(sums), self.loss_terms), self.layout)
+
+
+def _add(where: str, a: Any, b: Any) -> Any:
+    """Leafwise sum of two results of one type, layouts and reductions checked first."""
+    if type(b) is not type(a):
+        raise TypeError(f"{where}: other must be a {type(a).__name__}, got {type(b).__name__}.")
+    layout_a = getattr(a, "layout", None)
+    if layout_a is not None and layout_a != b.layout:
+        raise ValueError(
+            f"{where}: the two results cover different blocks ({[x.names for x in layout_a.blocks]}"
+            f" vs {[x.names for x in b.layout.blocks]}); build both with the same model_fn, "
+            "params and separate_bias."
+        )
+    if (a.loss_terms is None) != (b.loss_terms is None):
+        raise ValueError(
+            f"{where}: one result comes from a 'mean' loss and the other from a 'sum' loss; "
+            "use one reduction for every batch."
+        )
+    return _tree.add(a, b)
 
 
 def factor_sums(p: Pass, keep: bool = False) -> tuple[KFAC, list | None]:

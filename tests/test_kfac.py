@@ -467,8 +467,12 @@ def test_sums_over_batches_are_the_factors_of_the_union(reduction):
         return hessfunc.kfac(apply, CrossEntropyLoss(y, reduction=reduction), params, X, **kw)
 
     whole = batch(X, y)
-    summed = _tree.add(batch(*parts[0]), batch(*parts[1]))
+    first, second = batch(*parts[0]), batch(*parts[1])
+    summed = first.add(second)
     torch.testing.assert_close(summed.dense(), whole.dense(), **EXACT)
+    # a plain leafwise sum of the pytrees (what a dataset or all-reduce of them does) is the same
+    torch.testing.assert_close(_tree.add(first, second).dense(), whole.dense(), **EXACT)
+    assert _tree.tree_leaves(summed.layout) == []
     assert int(summed.loss_terms if reduction == "mean" else 14) == 14
     # EK-FAC in one fixed basis: the moments add up the same way
     E = hessfunc.ekfac(apply, CrossEntropyLoss(y, reduction=reduction), params, X, basis=whole)
@@ -477,7 +481,7 @@ def test_sums_over_batches_are_the_factors_of_the_union(reduction):
         loss = CrossEntropyLoss(y, reduction=reduction)
         return hessfunc.ekfac(apply, loss, params, X, basis=whole).moments
 
-    merged = E._replace(moments=_tree.add(moments(*parts[0]), moments(*parts[1])))
+    merged = E._replace(moments=moments(*parts[0]).add(moments(*parts[1])))
     torch.testing.assert_close(merged.dense(), E.dense(), **EXACT)
     torch.testing.assert_close(
         E.dense(),
@@ -599,5 +603,9 @@ def test_errors_name_the_function_and_the_fix():
             p,
             tokens,
         )
+    with pytest.raises(ValueError, match=r"KFAC.add.*cover different blocks"):
+        K.add(hessfunc.kfac(linear, loss, {"w": p["w"], "b": torch.zeros(3)}, X))
+    with pytest.raises(ValueError, match=r"KFAC.add.*one reduction for every batch"):
+        K.add(hessfunc.kfac(linear, CrossEntropyLoss(y, reduction="sum"), p, X))
     with pytest.raises(ValueError, match=r"ekfac.*basis has the blocks"):
         hessfunc.ekfac(linear, loss, {"w": p["w"], "b": torch.zeros(3)}, X, basis=K)
