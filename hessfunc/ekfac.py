@@ -153,7 +153,8 @@ class EKFAC(NamedTuple):
 
         Args:
             b: a pytree like ``params``.
-            damping: :math:`\lambda \ge 0` (a float or a 0-d tensor).
+            damping: :math:`\lambda \ge 0` (a float or a 0-d tensor); positive unless every
+                eigenvalue is.
 
         Returns:
             A pytree like ``b``: :math:`x`.

@@ -183,7 +183,9 @@ class KFAC(NamedTuple):
 
         Args:
             b: a pytree like ``params``.
-            damping: :math:`\lambda \ge 0` (a float or a 0-d tensor).
+            damping: :math:`\lambda \ge 0` (a float or a 0-d tensor); positive unless
+                :math:`K` is positive definite (with fewer rows than input features, ``A`` is
+                singular).
             method: ``"exact"`` (default) or ``"pi"``.
 
         Returns:
@@ -353,15 +355,16 @@ def kfac(
     docstring for the maths). Nothing is hooked or changed; ``nn.Linear`` and ``nn.Conv*d``
     modules (through :func:`hessfunc.from_module`) and hand-written ``F.linear`` calls are found
     alike. A leaf used in any other way (an embedding, a normalisation's scale, a weight
-    transformed before use, ``x @ W.T``) is not covered: the result lists it with the reason in
-    ``.uncovered``, and its curvature is taken as zero.
+    transformed before use, ``x @ W.T``, the projections inside ``nn.MultiheadAttention``,
+    whose forward torch dispatches as one call) is not covered: the result lists it with the
+    reason in ``.uncovered``, and its curvature is taken as zero.
 
     The output-space columns :math:`j` that define :math:`G` (``fisher``):
 
-    - ``"type-2"``: the columns of a square root of each sample's output Hessian, so that for
-      one linear layer :math:`G \otimes A` is built from the exact GGN's ingredients; one
-      backward pass per column (``C`` for ``C`` classes, one per output element of a row for
-      element-wise losses), vectorised;
+    - ``"type-2"``: the columns of a square root of each sample's output Hessian (for one
+      linear layer and a loss whose output Hessian is the same for every sample, such as MSE,
+      :math:`K` is then the GGN exactly); one backward pass per column (``C`` for ``C``
+      classes, one per output element of a row for element-wise losses), vectorised;
     - ``"mc"``: gradients at ``mc_samples`` targets drawn per sample from the model's
       predictive distribution (from ``generator`` or the uniform draws ``noise``), averaged;
     - ``"empirical"``: gradients at the observed targets (the uncentred gradient covariance).
