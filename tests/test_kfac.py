@@ -11,10 +11,13 @@ and EK-FAC's defining optimality against the dense GGN's diagonal blocks. float6
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import hessfunc
@@ -609,3 +612,62 @@ def test_errors_name_the_function_and_the_fix():
         K.add(hessfunc.kfac(linear, CrossEntropyLoss(y, reduction="sum"), p, X))
     with pytest.raises(ValueError, match=r"ekfac.*basis has the blocks"):
         hessfunc.ekfac(linear, loss, {"w": p["w"], "b": torch.zeros(3)}, X, basis=K)
+
+
+# ------------------------------------------------------------------------------ properties
+
+
+@settings(max_examples=25 if os.environ.get("CI") else 12, deadline=None)
+@given(
+    widths=st.lists(st.integers(1, 5), min_size=2, max_size=4),
+    n=st.integers(1, 7),
+    loss=st.sampled_from(["mse", "ce", "bce"]),
+    separate_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_properties_over_random_networks(widths, n, loss, separate_bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    if loss == "ce":
+        widths[-1] = max(widths[-1], 2)
+    net = mlp(seed=seed, widths=tuple(widths))
+    apply, params = hessfunc.from_module(net)
+    X = torch.randn(n, widths[0], generator=g)
+    out = (n, widths[-1])
+    loss_fn = {
+        "mse": lambda: MSELoss(torch.randn(out, generator=g)),
+        "ce": lambda: CrossEntropyLoss(torch.randint(0, widths[-1], (n,), generator=g)),
+        "bce": lambda: BCEWithLogitsLoss((torch.rand(out, generator=g) > 0.5).double()),
+    }[loss]()
+    K = hessfunc.kfac(apply, loss_fn, params, X, separate_bias=separate_bias)
+    E = hessfunc.ekfac(apply, loss_fn, params, X, separate_bias=separate_bias)
+    G = hessfunc.ggn_matrix(apply, loss_fn, params, X)
+    scale = max(float(G.abs().max()), 1e-12)
+    u, v = (_tree.random_like(params, g) for _ in range(2))
+    lam = 0.1 * scale + 1e-6
+    for op in (K, E):
+        D = op.dense()
+        torch.testing.assert_close(D, D.T, rtol=1e-10, atol=1e-12 * scale)
+        assert float(torch.linalg.eigvalsh(D).min()) > -1e-10 * scale  # PSD
+        # <u, Kv> = <Ku, v>, and solve inverts matvec + damping
+        assert abs(float(_tree.vdot(u, op.matvec(v)) - _tree.vdot(op.matvec(u), v))) < 1e-10 * (
+            scale * float(_tree.vdot(u, u) * _tree.vdot(v, v)) ** 0.5 + 1e-300
+        )
+        x = op.solve(v, lam)
+        back = _tree.axpy(lam, x, op.matvec(x))
+        torch.testing.assert_close(back, v, rtol=1e-8, atol=1e-8)
+    # EK-FAC is never further than K-FAC from any of the GGN's diagonal blocks
+    Kd, Ed = K.dense(), E.dense()
+    for block in K.layout.blocks:
+        i = indices(K.layout, block.names)
+        ref = G[i][:, i]
+        err_k, err_e = torch.linalg.norm(Kd[i][:, i] - ref), torch.linalg.norm(Ed[i][:, i] - ref)
+        assert err_e <= err_k * (1 + 1e-9) + 1e-12 * scale
+    if len(widths) == 2 and loss == "mse":  # one layer with MSE: both are the GGN
+        blocks = G.clone()
+        if separate_bias:
+            w = widths[0] * widths[1]
+            blocks[:w, w:] = 0
+            blocks[w:, :w] = 0
+        torch.testing.assert_close(Kd, blocks, rtol=1e-9, atol=1e-12 * scale)
+        torch.testing.assert_close(Ed, blocks, rtol=1e-9, atol=1e-12 * scale)
