@@ -27,7 +27,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch.func import vjp, vmap
 
-from . import _checks, _memory, _tree
+from . import _checks, _context, _memory, _tree
 from ._layers import SUPPORTED, Block, Call, Layout, Recorder, block_grads, block_inputs, plan
 from ._types import PyTree
 from .losses import (
@@ -223,7 +223,7 @@ def collect(
         )
     calls: list[Call] = []
     others: dict[int, str] = {}
-    with Recorder(leaves, calls, others):
+    with _context.attention_fastpath_off(), Recorder(leaves, calls, others):
         model_fn(params, *args)
     layout, block_calls = plan(where, calls, others, leaves, paths, separate_bias)
     if not layout.blocks:
@@ -237,7 +237,7 @@ def collect(
 
     def forward(pr: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         again: list[Call] = []
-        with Recorder(leaves, again, {}, pr):
+        with _context.attention_fastpath_off(), Recorder(leaves, again, {}, pr):
             out = model_fn(params, *args)
         if len(again) != len(calls):
             raise RuntimeError(

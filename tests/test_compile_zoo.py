@@ -281,10 +281,11 @@ FAST = [
     ("mixture_of_experts", "hvp[fwd-rev]", torch.float32, 1),
     ("mixture_of_experts", "hessian_matrix[fwd-rev]", torch.float32, 2),
     ("gru", "hvp[rev-rev]", torch.float32, 1),
-    # Kronecker factors: grouped convolutions (the unfold with groups) and weights shared over a
-    # sequence (expand), built, applied and inverted in one graph
+    # Kronecker factors: grouped convolutions (the unfold with groups), and weights shared over
+    # a sequence in an eval-mode nn.TransformerEncoderLayer, whose fused fast path the compiled
+    # graph took (hiding its linear layers) until the passes switched it off
     ("grouped_conv", "kfac", torch.float32, 1),
-    ("swiglu", "ekfac", torch.float32, 1),
+    ("transformer_encoder_layer", "ekfac", torch.float32, 1),
 ]
 
 # With two threads inductor parallelises other loops, so the code differs; the products built
