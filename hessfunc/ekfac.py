@@ -61,7 +61,7 @@ class Moments(NamedTuple):
             >>> import torch, hessfunc
             >>> from hessfunc.losses import MSELoss
             >>> model = lambda p, X: torch.nn.functional.linear(X, p["w"])
-            >>> X, w = torch.eye(2, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64)
+            >>> X, w = torch.eye(2), torch.zeros(1, 2)
             >>> B = hessfunc.kfac(model, MSELoss(torch.zeros(2, 1)), {"w": w}, X)
             >>> loss = MSELoss(torch.zeros(1, 1))
             >>> parts = [
@@ -138,10 +138,10 @@ class EKFAC(NamedTuple):
             >>> import torch, hessfunc
             >>> from hessfunc.losses import MSELoss
             >>> model = lambda p, X: torch.nn.functional.linear(X, p["w"])
-            >>> X, w = torch.eye(2, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64)
+            >>> X, w = torch.eye(2), torch.zeros(1, 2)
             >>> E = hessfunc.ekfac(model, MSELoss(torch.zeros(2, 1), reduction="sum"), {"w": w}, X)
-            >>> E.matvec({"w": torch.ones(1, 2, dtype=torch.float64)})
-            {'w': tensor([[2., 2.]], dtype=torch.float64)}
+            >>> E.matvec({"w": torch.ones(1, 2)})
+            {'w': tensor([[2., 2.]])}
         """
         return self._apply("hessfunc.EKFAC.matvec(v)", v, "v", lambda e: e, torch.zeros_like)
 
@@ -166,10 +166,10 @@ class EKFAC(NamedTuple):
             >>> import torch, hessfunc
             >>> from hessfunc.losses import MSELoss
             >>> model = lambda p, X: torch.nn.functional.linear(X, p["w"])
-            >>> X, w = torch.eye(2, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64)
+            >>> X, w = torch.eye(2), torch.zeros(1, 2)
             >>> E = hessfunc.ekfac(model, MSELoss(torch.zeros(2, 1), reduction="sum"), {"w": w}, X)
-            >>> E.solve({"w": torch.ones(1, 2, dtype=torch.float64)}, damping=2.0)
-            {'w': tensor([[0.2500, 0.2500]], dtype=torch.float64)}
+            >>> E.solve({"w": torch.ones(1, 2)}, damping=2.0)
+            {'w': tensor([[0.2500, 0.2500]])}
         """
         where = "hessfunc.EKFAC.solve(b, damping)"
         _kron.check_damping(where, damping)
@@ -191,11 +191,11 @@ class EKFAC(NamedTuple):
             >>> import torch, hessfunc
             >>> from hessfunc.losses import MSELoss
             >>> model = lambda p, X: torch.nn.functional.linear(X, p["w"])
-            >>> X, w = torch.eye(2, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64)
+            >>> X, w = torch.eye(2), torch.zeros(1, 2)
             >>> E = hessfunc.ekfac(model, MSELoss(torch.zeros(2, 1), reduction="sum"), {"w": w}, X)
             >>> E.dense()
             tensor([[1., 0.],
-                    [0., 1.]], dtype=torch.float64)
+                    [0., 1.]])
         """
         mats = []
         for qa, qg, ev in zip(self.input_bases, self.grad_bases, self.eigenvalues, strict=True):

@@ -120,7 +120,7 @@ class KFAC(NamedTuple):
             >>> import torch, hessfunc
             >>> from hessfunc.losses import MSELoss
             >>> model = lambda p, X: torch.nn.functional.linear(X, p["w"])
-            >>> X, w = torch.eye(2, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64)
+            >>> X, w = torch.eye(2), torch.zeros(1, 2)
             >>> halves = [
             ...     hessfunc.kfac(model, MSELoss(torch.zeros(1, 1)), {"w": w}, X[i : i + 1])
             ...     for i in range(2)
@@ -148,21 +148,21 @@ class KFAC(NamedTuple):
             >>> import torch, hessfunc
             >>> from hessfunc.losses import MSELoss
             >>> model = lambda p, X: torch.nn.functional.linear(X, p["w"])
-            >>> X, w = torch.eye(2, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64)
+            >>> X, w = torch.eye(2), torch.zeros(1, 2)
             >>> K = hessfunc.kfac(model, MSELoss(torch.zeros(2, 1), reduction="sum"), {"w": w}, X)
-            >>> K.matvec({"w": torch.ones(1, 2, dtype=torch.float64)})
-            {'w': tensor([[2., 2.]], dtype=torch.float64)}
+            >>> K.matvec({"w": torch.ones(1, 2)})
+            {'w': tensor([[2., 2.]])}
         """
         where = "hessfunc.KFAC.matvec(v)"
-        A, G = self.A, self.G
-        return _kron.blockwise(
-            where,
-            self.layout,
-            v,
-            "v",
-            lambda i, m: G[i] @ m @ A[i],
-            torch.zeros_like,
-        )
+
+        def block(i: int, m: torch.Tensor) -> torch.Tensor:
+            # the stored sums with one scalar, rather than normalised copies of the factors
+            scale = 1.0 / self.positions[i].to(m.dtype)
+            if self.loss_terms is not None:
+                scale = scale / self.loss_terms.to(m.dtype)
+            return self.grad_sums[i] @ (m * scale) @ self.input_sums[i]
+
+        return _kron.blockwise(where, self.layout, v, "v", block, torch.zeros_like)
 
     def solve(
         self, b: PyTree, damping: float | torch.Tensor, *, method: SolveMethod = "exact"
@@ -199,10 +199,10 @@ class KFAC(NamedTuple):
             >>> import torch, hessfunc
             >>> from hessfunc.losses import MSELoss
             >>> model = lambda p, X: torch.nn.functional.linear(X, p["w"])
-            >>> X, w = torch.eye(2, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64)
+            >>> X, w = torch.eye(2), torch.zeros(1, 2)
             >>> K = hessfunc.kfac(model, MSELoss(torch.zeros(2, 1), reduction="sum"), {"w": w}, X)
-            >>> K.solve({"w": torch.ones(1, 2, dtype=torch.float64)}, damping=1.0)
-            {'w': tensor([[0.3333, 0.3333]], dtype=torch.float64)}
+            >>> K.solve({"w": torch.ones(1, 2)}, damping=1.0)
+            {'w': tensor([[0.3333, 0.3333]])}
         """
         where = "hessfunc.KFAC.solve(b, damping)"
         _kron.check_damping(where, damping)
@@ -246,11 +246,11 @@ class KFAC(NamedTuple):
             >>> import torch, hessfunc
             >>> from hessfunc.losses import MSELoss
             >>> model = lambda p, X: torch.nn.functional.linear(X, p["w"])
-            >>> X, w = torch.eye(2, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64)
+            >>> X, w = torch.eye(2), torch.zeros(1, 2)
             >>> K = hessfunc.kfac(model, MSELoss(torch.zeros(2, 1), reduction="sum"), {"w": w}, X)
             >>> K.dense()
             tensor([[1., 0.],
-                    [0., 1.]], dtype=torch.float64)
+                    [0., 1.]])
         """
         A, G = self.A, self.G
         mats = [
@@ -278,7 +278,7 @@ class KFAC(NamedTuple):
             >>> import torch, hessfunc
             >>> from hessfunc.losses import MSELoss
             >>> model = lambda p, X: torch.nn.functional.linear(X, p["w"])
-            >>> X, w = torch.eye(2, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64)
+            >>> X, w = torch.eye(2), torch.zeros(1, 2)
             >>> K = hessfunc.kfac(model, MSELoss(torch.zeros(2, 1), reduction="sum"), {"w": w}, X)
             >>> torch.allclose(K.eigendecompose().dense(), K.dense())
             True
