@@ -11,6 +11,8 @@ from .check import check_grad as check_grad
 from .check import check_hessian as check_hessian
 from .check import check_hvp as check_hvp
 from .check_compiled import check_compiled as check_compiled
+from .ekfac import EKFAC as EKFAC
+from .ekfac import ekfac as ekfac
 from .estimators import DiagEstimate as DiagEstimate
 from .estimators import TraceEstimate as TraceEstimate
 from .estimators import batched_matvec as batched_matvec
@@ -39,6 +41,8 @@ from .inverse import LissaResult as LissaResult
 from .inverse import LowRankInverse as LowRankInverse
 from .inverse import lissa as lissa
 from .inverse import low_rank_inverse as low_rank_inverse
+from .kfac import KFAC as KFAC
+from .kfac import kfac as kfac
 from .lanczos import EigshResult as EigshResult
 from .lanczos import LanczosResult as LanczosResult
 from .lanczos import PowerIterationResult as PowerIterationResult
@@ -62,7 +66,9 @@ __all__ = [
     "CGResult",
     "CheckReport",
     "DiagEstimate",
+    "EKFAC",
     "EigshResult",
+    "KFAC",
     "LanczosResult",
     "LissaResult",
     "LowRankInverse",
@@ -81,6 +87,7 @@ __all__ = [
     "data",
     "distributed",
     "eigsh",
+    "ekfac",
     "fd_grad",
     "fd_hessian_matrix",
     "fd_hvp",
@@ -99,6 +106,7 @@ __all__ = [
     "hvp",
     "hvps",
     "influence",
+    "kfac",
     "lanczos",
     "lissa",
     "logdet",
@@ -109,9 +117,9 @@ __all__ = [
     "power_iteration",
     "random_probes",
     "ravel",
-    "to_scipy",
     "slq",
     "spectral_density",
+    "to_scipy",
     "xdiag",
     "xtrace",
 ]

@@ -115,14 +115,28 @@ def second_order_kernels(forward: bool = False) -> Iterator[None]:
     ``torch._transformer_encoder_layer_fwd``, which has no derivatives (forward AD raises, and in
     larger graphs the Hessian came out silently wrong on torch 2.13).
     """
+    with attention_fastpath_off(), sdpa_kernel(SDPBackend.MATH), SecondOrderMode(forward):
+        yield
+
+
+@contextlib.contextmanager
+def attention_fastpath_off() -> Iterator[None]:
+    """Keep ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` off their fused fast path.
+
+    In eval mode these layers call one fused kernel (``torch._transformer_encoder_layer_fwd``,
+    ``torch._native_multi_head_attention``) when no argument has a torch function and none needs
+    a gradient. Under ``torch.compile``, inside torch.func transforms, neither test holds even
+    while hessfunc's torch function modes are active, so the compiled graph took the fused
+    kernel where eager code did not: it has no derivatives, and it hides the layer's
+    ``F.linear`` calls from the layer discovery of ``hessfunc.kfac``.
+    """
     # The flag is a plain module global; dynamo refuses to trace set_fastpath_enabled but does
     # trace an attribute store on the module.
     mha = torch.backends.mha
     fastpath = mha._is_fastpath_enabled
     mha._is_fastpath_enabled = False
     try:
-        with sdpa_kernel(SDPBackend.MATH), SecondOrderMode(forward):
-            yield
+        yield
     finally:
         mha._is_fastpath_enabled = fastpath
 

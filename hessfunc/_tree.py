@@ -58,6 +58,20 @@ def tree_paths(tree: PyTree) -> list[str]:
     return ["".join(f"[{k!r}]" for k in path) or "<root>" for path in paths]
 
 
+def register_static(cls: type) -> type:
+    """Register ``cls`` as a pytree node with no children, its instance kept in the tree spec.
+
+    For frozen, hashable descriptions that travel inside a result pytree (which layer a factor
+    belongs to, which parameters are covered): they carry no tensors, so tree arithmetic and
+    reductions over the result (summing it over batches, an all-reduce) skip them, and two
+    results combine only if their descriptions compare equal.
+    """
+    optree.register_pytree_node(
+        cls, lambda x: ((), x), lambda meta, children: meta, namespace=NAMESPACE
+    )
+    return cls
+
+
 # ----------------------------------------------------------------------------- arithmetic
 
 

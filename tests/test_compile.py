@@ -74,7 +74,19 @@ def products(f, model_fn, dtype):
         "newton_cg_step": lambda p, v, x, y: (
             hessfunc.newton_cg_step(f, p, x, y, damping=1e-2, maxiter=3).params
         ),
+        # the build, matvec and solve in one graph; eigenbases are compared through the
+        # products (an eigenvector's sign is arbitrary, the operator is not)
+        "kfac": lambda p, v, x, y: kronecker_products(
+            hessfunc.kfac(model_fn, CrossEntropyLoss(y), p, x), v
+        ),
+        "ekfac": lambda p, v, x, y: kronecker_products(
+            hessfunc.ekfac(model_fn, CrossEntropyLoss(y), p, x), v
+        ),
     }
+
+
+def kronecker_products(op, v):
+    return op.matvec(v), op.solve(v, 0.1)
 
 
 @functools.cache
@@ -134,6 +146,8 @@ MLP_PRODUCTS = [
     "fisher_vp_mc",
     "fd_hvp",
     "newton_cg_step",
+    "kfac",
+    "ekfac",
 ]
 
 

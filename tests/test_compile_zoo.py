@@ -144,6 +144,37 @@ def products(apply, per_sample: bool, float_inputs: bool, dtype) -> dict:
         ),
         "exact",
     )
+    # Kronecker-factored curvature: the factors built, then matvec and the damped solve in the
+    # same graph (compared through these products: eigenbases are defined up to signs)
+    out["kfac"] = (
+        lambda p, v, w, x, y: _kronecker(hessfunc.kfac(model, CrossEntropyLoss(y), p, x), v, w),
+        "exact",
+    )
+    out["kfac_empirical"] = (
+        lambda p, v, w, x, y: _kronecker(
+            hessfunc.kfac(model, CrossEntropyLoss(y), p, x, fisher="empirical"), v, w
+        ),
+        "exact",
+    )
+    if float_inputs:  # logits over the zoo's C classes
+        out["kfac_mc"] = (
+            lambda p, v, w, x, y: _kronecker(
+                hessfunc.kfac(
+                    model, CrossEntropyLoss(y), p, x, fisher="mc", noise=_noise(y, x, p),
+                    mc_samples=2,
+                ),
+                v,
+                w,
+            ),
+            "exact",
+        )  # fmt: skip
+    if per_sample and float_inputs:  # per-sample gradients: samples on axis 0 of every layer
+        out["ekfac"] = (
+            lambda p, v, w, x, y: _kronecker(
+                hessfunc.ekfac(model, CrossEntropyLoss(y), p, x), v, w
+            ),
+            "exact",
+        )
     out["cg"] = (
         lambda p, v, w, x, y: (
             hessfunc.cg(lambda t: hessfunc.hvp(loss, p, t, x, y), v, maxiter=3, damping=1.0).x
@@ -217,6 +248,10 @@ def products(apply, per_sample: bool, float_inputs: bool, dtype) -> dict:
         "fd",
     )
     return out
+
+
+def _kronecker(op, v, w):
+    return op.matvec(v), op.solve(w, 1.0)
 
 
 def _noise(y, x, p):
@@ -313,6 +348,11 @@ FAST = [
     ("gru", "hvp[rev-rev]", torch.float32, 1),
     # the default influence route (per-sample gradients, a vmapped CG over the test samples)
     ("grouped_conv", "influence[cg]", torch.float32, 1),
+    # Kronecker factors: grouped convolutions (the unfold with groups), and weights shared over
+    # a sequence in an eval-mode nn.TransformerEncoderLayer, whose fused fast path the compiled
+    # graph took (hiding its linear layers) until the passes switched it off
+    ("grouped_conv", "kfac", torch.float32, 1),
+    ("transformer_encoder_layer", "ekfac", torch.float32, 1),
 ]
 
 # With two threads inductor parallelises other loops, so the code differs; the products built

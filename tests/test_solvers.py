@@ -78,6 +78,40 @@ def test_cg_with_tol_under_vmap_freezes_each_solve_instead_of_stopping():
     assert not batched.negative_curvature.any()
 
 
+@given(n=st.integers(1, 10), seed=st.integers(0, 10**6), damping=st.sampled_from([0.0, 0.5]))
+def test_preconditioned_cg_solves_spd_systems_exactly_in_n_steps(n, seed, damping):
+    A, M = spd(n, seed, cond=50.0), spd(n, seed + 7, cond=5.0)
+    b = torch.randn(n, generator=torch.Generator().manual_seed(seed + 1))
+    res = hessfunc.cg(
+        lambda v: A @ v, b, maxiter=n, damping=damping, preconditioner=lambda r: M @ r
+    )
+    expected = torch.linalg.solve(A + damping * torch.eye(n), b)
+    torch.testing.assert_close(res.x, expected, rtol=1e-8, atol=1e-8)
+    # the residual it reports is the plain one
+    plain = torch.linalg.norm(b - (A + damping * torch.eye(n)) @ res.x)
+    torch.testing.assert_close(res.residual_norm, plain, rtol=1e-6, atol=1e-8)
+
+
+def test_preconditioner_that_inverts_the_system_converges_in_one_step():
+    A, b, lam = spd(8, 3, cond=1e4), torch.randn(8, generator=torch.Generator().manual_seed(4)), 0.1
+    exact = torch.linalg.inv(A + lam * torch.eye(8))
+    res = hessfunc.cg(
+        lambda v: A @ v, b, maxiter=8, damping=lam, tol=1e-10, preconditioner=lambda r: exact @ r
+    )
+    assert int(res.iterations) == 1
+    torch.testing.assert_close(res.x, exact @ b, rtol=1e-10, atol=1e-10)
+    plain = hessfunc.cg(lambda v: A @ v, b, maxiter=8, damping=lam, tol=1e-10)
+    assert int(plain.iterations) == 8
+
+
+def test_identity_preconditioner_gives_plain_cg_iterates():
+    A, b = spd(6, 1, cond=30.0), torch.randn(6, generator=torch.Generator().manual_seed(2))
+    for k in range(1, 5):
+        plain = hessfunc.cg(lambda v: A @ v, b, maxiter=k, damping=0.2)
+        pre = hessfunc.cg(lambda v: A @ v, b, maxiter=k, damping=0.2, preconditioner=lambda r: r)
+        torch.testing.assert_close(pre.x, plain.x, rtol=1e-14, atol=1e-14)
+
+
 def test_cg_bad_input():
     with pytest.raises(ValueError, match="hessfunc.cg.*maxiter"):
         hessfunc.cg(lambda v: v, torch.ones(2), maxiter=-1)
@@ -85,6 +119,8 @@ def test_cg_bad_input():
         hessfunc.cg(lambda v: v, torch.ones(2), maxiter=1, tol=-1.0)
     with pytest.raises(ValueError, match="x0"):
         hessfunc.cg(lambda v: v, torch.ones(2), maxiter=1, x0=torch.ones(3))
+    with pytest.raises(TypeError, match="hessfunc.cg.*preconditioner must be None or callable"):
+        hessfunc.cg(lambda v: v, torch.ones(2), maxiter=1, preconditioner="kfac")
 
 
 def _logistic():

@@ -1,0 +1,363 @@
+r"""Shared machinery of the Kronecker-factored approximations (``kfac``, ``ekfac``).
+
+:func:`collect` runs the model once to find its layers (``_layers``) and once more with a zero
+probe added to every layer output, under ``vjp``; pulling back output-space columns gives each
+layer's output gradients. The columns define the Fisher type:
+
+- ``"type-2"``: the columns of a square root of each row's output Hessian, :math:`\sum_j u_j
+  u_j^\top = \nabla^2_{f_i} \ell_i` (closed forms: diagonal for element-wise losses,
+  :math:`s_i(\operatorname{diag}(p) - p p^\top)` factored for cross-entropy);
+- ``"mc"``: per-row gradients of the loss at targets drawn from the predictive distribution,
+  weighted :math:`1/S`;
+- ``"empirical"``: per-row gradients at the observed targets.
+
+Every quantity is a sum over rows of the *unreduced* per-sample losses :math:`\ell_i`; the
+reduction's factor enters once, as the number of loss terms a ``"mean"`` divides by, so sums
+over batches and processes stay exact.
+
+Block-wise products over parameter pytrees (:func:`blockwise`) and the dense assembly
+(:func:`dense`) live here too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch.func import vjp, vmap
+
+from . import _checks, _context, _memory, _tree
+from ._layers import SUPPORTED, Block, Call, Layout, Recorder, block_grads, block_inputs, plan
+from ._types import PyTree
+from .losses import (
+    CrossEntropyLoss,
+    GaussianNLLLoss,
+    Loss,
+    NLLLoss,
+    _ElementwiseLoss,
+)
+
+Fisher = Literal["type-2", "mc", "empirical"]
+FISHERS = ("type-2", "mc", "empirical")
+
+
+def check(
+    where: str,
+    model_fn: Any,
+    loss: Any,
+    params: Any,
+    fisher: Any,
+    generator: Any,
+    noise: Any,
+    mc_samples: Any,
+    separate_bias: Any,
+    chunk_size: Any,
+) -> None:
+    """Validate the arguments shared by ``kfac`` and ``ekfac`` (structure and types only)."""
+    if not callable(model_fn):
+        raise TypeError(
+            f"{where}: model_fn must be callable as model_fn(params, *args) -> outputs, got "
+            f"{type(model_fn).__name__}."
+        )
+    if not isinstance(loss, Loss):
+        raise TypeError(
+            f"{where}: loss_fn must be a hessfunc.losses object (e.g. "
+            f"hessfunc.losses.CrossEntropyLoss(targets)), got {type(loss).__name__}: the "
+            "Kronecker factors need the loss's per-sample structure and output curvature."
+        )
+    if fisher not in FISHERS:
+        raise ValueError(
+            f"{where}: unknown fisher={fisher!r}; expected 'type-2' (exact output curvature), "
+            "'mc' (sampled targets) or 'empirical' (observed targets)."
+        )
+    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"{where}: mc_samples must be a positive int, got {mc_samples!r}.")
+    if fisher != "mc":
+        if generator is not None or noise is not None or mc_samples != 1:
+            raise ValueError(
+                f"{where}: generator, noise and mc_samples are only used with fisher='mc'; "
+                f"fisher={fisher!r} is deterministic. Drop them or pass fisher='mc'."
+            )
+    else:
+        if (generator is None) == (noise is None):
+            raise ValueError(
+                f"{where}: fisher='mc' needs exactly one source of randomness: generator="
+                "torch.Generator().manual_seed(...) or noise=<uniform draws>; got "
+                f"{'both' if generator is not None else 'neither'}. hessfunc never uses the "
+                "global RNG; under torch.compile pass noise."
+            )
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"{where}: generator must be a torch.Generator, got {type(generator).__name__}."
+            )
+        if noise is not None and (
+            not isinstance(noise, torch.Tensor) or not noise.is_floating_point()
+        ):
+            raise TypeError(f"{where}: noise must be a floating tensor of uniform draws in [0, 1).")
+    if not isinstance(separate_bias, bool):
+        raise TypeError(f"{where}: separate_bias must be a bool, got {separate_bias!r}.")
+    _checks.check_chunk_size(where, chunk_size)
+    _checks.check_params(where, params)
+
+
+class Pass(NamedTuple):
+    """One batch seen through the model: each block's inputs and, per chunk, its gradients."""
+
+    layout: Layout
+    inputs: tuple[tuple[torch.Tensor, ...], ...]
+    """Per block, per call: ``(N, P, groups, size)``."""
+    chunks: int
+    grads: Callable[[int], tuple[tuple[torch.Tensor, ...], ...]]
+    """Chunk -> per block, per call: ``(k, N, P, groups, out_features)``."""
+    weight: float
+    """Weight of every column (``1 / mc_samples`` for ``"mc"``, else 1)."""
+    loss_terms: torch.Tensor | None
+    """Number of loss terms a ``"mean"`` reduction divides by (0-d int64); None for ``"sum"``."""
+    rows: int
+    """Rows (samples) of the model's outputs."""
+
+
+def _loss_terms(loss: Loss, out: torch.Tensor) -> torch.Tensor | None:
+    if getattr(loss, "reduction", "mean") == "sum":
+        return None
+    return torch.tensor(round(1.0 / loss.scale(out)), dtype=torch.int64, device=out.device)
+
+
+def _sqrt_columns(
+    where: str, loss: Loss, out: torch.Tensor
+) -> tuple[int, Callable[[int, int], torch.Tensor]]:
+    r"""``(K, make)``: ``make(a, b)`` gives columns ``a..b-1`` of every row's Hessian root.
+
+    Column ``j`` is shaped like the outputs; over all ``K`` columns, row ``i`` satisfies
+    :math:`\sum_j u_j[i] u_j[i]^\top = \nabla^2_{f_i} \ell_i` (unreduced).
+    """
+    if isinstance(loss, CrossEntropyLoss):
+        # H_i = s_i (diag(p) - p p^T) = S S^T with S[:, j] = sqrt(s_i) (e_j - p) sqrt(p_j),
+        # because sum_j p_j = 1.
+        p = torch.softmax(out, dim=-1)
+        root_p = p.sqrt()
+        s = loss._q(out).sum(-1, keepdim=True).sqrt() if loss.target.is_floating_point() else None
+        eye = torch.eye(out.shape[-1], dtype=out.dtype, device=out.device)
+
+        def make(a: int, b: int) -> torch.Tensor:
+            u = (eye[a:b].unsqueeze(1) - p.unsqueeze(0)) * root_p.T[a:b].unsqueeze(-1)
+            return u if s is None else u * s
+
+        return out.shape[-1], make
+    if isinstance(loss, NLLLoss):  # linear in the outputs: no curvature
+        return 1, lambda a, b: torch.zeros((b - a, *out.shape), dtype=out.dtype, device=out.device)
+    if isinstance(loss, (_ElementwiseLoss, GaussianNLLLoss)):
+        # diagonal output Hessian: the root is its element-wise square root, one column per
+        # element of a row
+        diag = loss.hvp(out, torch.ones_like(out)) / loss.scale(out)
+        root = diag.clamp(min=0).sqrt()
+        rows = out.shape[0] if out.dim() > 0 else 1
+        per_row = out.numel() // max(rows, 1)
+        rest = tuple(out.shape[1:])
+        eye = torch.eye(per_row, dtype=out.dtype, device=out.device)
+
+        def make(a: int, b: int) -> torch.Tensor:
+            return eye[a:b].reshape(b - a, 1, *rest) * root.unsqueeze(0)
+
+        return per_row, make
+    raise TypeError(
+        f"{where}: fisher='type-2' has no output-Hessian square root for "
+        f"{type(loss).__name__}; use fisher='mc' or 'empirical'."
+    )
+
+
+def _columns(
+    where: str,
+    loss: Loss,
+    out: torch.Tensor,
+    fisher: str,
+    generator: torch.Generator | None,
+    noise: torch.Tensor | None,
+    mc_samples: int,
+) -> tuple[int, float, Callable[[int, int], torch.Tensor]]:
+    """``(K, weight, make)``: the output-space columns that define the Fisher type."""
+    if fisher == "empirical":
+        r = loss.output_grads(out)
+        return 1, 1.0, lambda a, b: r.unsqueeze(0)
+    if fisher == "mc":
+        shape = (mc_samples, *loss.noise_shape(out))
+        u = noise
+        if u is None:
+            u = torch.rand(shape, generator=generator, dtype=out.dtype, device=generator.device)
+            u = u.to(out.device)
+        elif tuple(u.shape) != shape:
+            raise ValueError(
+                f"{where}: noise has shape {tuple(u.shape)}; expected (mc_samples, "
+                f"*loss_fn.noise_shape(outputs)) = {shape}."
+            )
+        rows = vmap(
+            lambda ui: loss.predictive(loss.sample_from_uniform(out, ui)).output_grads(out)
+        )(u.to(out.dtype))
+        return mc_samples, 1.0 / mc_samples, lambda a, b: rows[a:b]
+    k, make = _sqrt_columns(where, loss, out)
+    return k, 1.0, make
+
+
+def collect(
+    where: str,
+    model_fn: Callable[..., Any],
+    loss: Loss,
+    params: PyTree,
+    args: tuple[Any, ...],
+    *,
+    fisher: str,
+    generator: torch.Generator | None,
+    noise: torch.Tensor | None,
+    mc_samples: int,
+    separate_bias: bool,
+    chunk_size: int | None,
+) -> Pass:
+    """Find the layers, run the probed forward, and prepare the pullbacks of the columns."""
+    leaves = _tree.tree_leaves(params)
+    paths = _tree.tree_paths(params)
+    if not torch.compiler.is_compiling() and len({id(t) for t in leaves}) != len(leaves):
+        raise ValueError(
+            f"{where}: params holds the same tensor twice; list a tied weight once (as "
+            "hessfunc.from_module does)."
+        )
+    calls: list[Call] = []
+    others: dict[int, str] = {}
+    with _context.attention_fastpath_off(), Recorder(leaves, calls, others):
+        model_fn(params, *args)
+    layout, block_calls = plan(where, calls, others, leaves, paths, separate_bias)
+    if not layout.blocks:
+        reasons = "; ".join(f"{p}: {why}" for p, why in layout.uncovered)
+        raise ValueError(
+            f"{where}: no leaf of params is the weight or bias of a {SUPPORTED} call inside "
+            f"model_fn, so there is nothing to factor ({reasons}). Kronecker factors exist for "
+            "parameters that enter model_fn as layer weights; use hessfunc.ggn_vp for others."
+        )
+    probes = [torch.zeros(c.out_shape, dtype=c.x.dtype, device=c.x.device) for c in calls]
+
+    def forward(pr: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        again: list[Call] = []
+        with _context.attention_fastpath_off(), Recorder(leaves, again, {}, pr):
+            out = model_fn(params, *args)
+        if len(again) != len(calls):
+            raise RuntimeError(
+                f"{where}: model_fn called {len(again)} layers on the second run and "
+                f"{len(calls)} on the first; Kronecker factors need a deterministic model_fn "
+                "(the same layers on every call)."
+            )
+        return out, [c.x for c in again]
+
+    out, pullback, xs = vjp(forward, probes, has_aux=True)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(
+            f"{where}: model_fn must return one tensor of outputs (samples along axis 0), got "
+            f"{type(out).__name__}."
+        )
+    calls = [c._replace(x=x) for c, x in zip(calls, xs, strict=True)]
+    k, weight, make = _columns(where, loss, out, fisher, generator, noise, mc_samples)
+    step = k if chunk_size is None else min(chunk_size, k)
+    bounds = [(a, min(a + step, k)) for a in range(0, k, step)]
+
+    def grads(i: int) -> tuple[tuple[torch.Tensor, ...], ...]:
+        a, b = bounds[i]
+        per_call = vmap(pullback)(make(a, b))[0]
+        return tuple(
+            tuple(block_grads(block, calls[c], per_call[c]) for c in ks)
+            for block, ks in zip(layout.blocks, block_calls, strict=True)
+        )
+
+    inputs = tuple(
+        tuple(block_inputs(block, calls[c]) for c in ks)
+        for block, ks in zip(layout.blocks, block_calls, strict=True)
+    )
+    rows = out.shape[0] if out.dim() > 0 else 1
+    return Pass(layout, inputs, len(bounds), grads, weight, _loss_terms(loss, out), rows)
+
+
+# ------------------------------------------------------------------------------ block algebra
+
+
+def gather(block: Block, leaves: list[torch.Tensor]) -> torch.Tensor:
+    """A block's parameters (or a vector like them) as ``(groups, out_features, size)``."""
+    g, o = block.groups, block.out_features
+    parts = []
+    if block.weight is not None:
+        parts.append(leaves[block.weight].reshape(g, o, block.in_features))
+    if block.bias is not None:
+        parts.append(leaves[block.bias].reshape(g, o, 1))
+    return torch.cat(parts, -1) if len(parts) > 1 else parts[0]
+
+
+def blockwise(
+    where: str,
+    layout: Layout,
+    tree: PyTree,
+    name: str,
+    block_fn: Callable[[int, torch.Tensor], torch.Tensor],
+    uncovered_fn: Callable[[torch.Tensor], torch.Tensor],
+) -> PyTree:
+    """Apply ``block_fn(i, matrices)`` to every block of ``tree``, ``uncovered_fn`` elsewhere."""
+    leaves = layout.check(where, name, tree)
+    out: list[torch.Tensor | None] = [None] * len(leaves)
+    for i, block in enumerate(layout.blocks):
+        m = block_fn(i, gather(block, leaves))
+        d = block.in_features
+        if block.weight is not None:
+            out[block.weight] = m[..., :d].reshape(leaves[block.weight].shape)
+        if block.bias is not None:
+            out[block.bias] = m[..., d].reshape(leaves[block.bias].shape)
+    out = [uncovered_fn(x) if y is None else y for x, y in zip(leaves, out, strict=True)]
+    return _tree.tree_unflatten(_tree.tree_structure(tree), out)
+
+
+def dense(
+    where: str,
+    layout: Layout,
+    blocks: list[torch.Tensor],
+    max_bytes: int | None,
+) -> torch.Tensor:
+    """The ``(n, n)`` matrix in ``ravel`` order from per-block ``(groups, m, m)`` matrices.
+
+    Leaves that no block covers get zero rows and columns.
+    """
+    n = sum(int(torch.Size(s).numel()) for s in layout.shapes)
+    ref = blocks[0]
+    need = n * n * ref.element_size()
+    if max_bytes is None and not torch.compiler.is_compiling():
+        max_bytes = int(_memory.DEFAULT_SHARE * _memory.available_bytes(ref.device))
+    if max_bytes is not None and need > max_bytes:
+        raise MemoryError(
+            f"{where}: a dense {n} x {n} matrix needs {need / 2**30:.3g} GiB, over the budget "
+            f"of {max_bytes / 2**30:.3g} GiB. Use .matvec (no dense matrix) or raise max_bytes."
+        )
+    offsets, start = [], 0
+    for s in layout.shapes:
+        offsets.append(start)
+        start += int(torch.Size(s).numel())
+    out = torch.zeros(n, n, dtype=ref.dtype, device=ref.device)
+    for block, m in zip(layout.blocks, blocks, strict=True):
+        g, o, d = block.groups, block.out_features, block.in_features
+        q = torch.arange(g, device=ref.device).reshape(g, 1, 1)
+        r = torch.arange(o, device=ref.device).reshape(1, o, 1)
+        j = torch.arange(block.size, device=ref.device).reshape(1, 1, -1)
+        row = q * o + r
+        if block.weight is not None and block.bias is not None:
+            idx = torch.where(
+                j < d, offsets[block.weight] + row * d + j, offsets[block.bias] + row + 0 * j
+            )
+        elif block.weight is not None:
+            idx = offsets[block.weight] + row * d + j
+        else:
+            idx = offsets[block.bias] + row + 0 * j
+        idx = idx.reshape(-1)
+        out[idx.unsqueeze(1), idx.unsqueeze(0)] = torch.block_diag(*m.unbind(0))
+    return out
+
+
+def check_damping(where: str, damping: Any) -> None:
+    if isinstance(damping, bool) or not isinstance(damping, (int, float, torch.Tensor)):
+        raise TypeError(
+            f"{where}: damping must be a float or a 0-d tensor, got {type(damping).__name__}."
+        )
+    if isinstance(damping, (int, float)) and damping < 0:
+        raise ValueError(f"{where}: damping must be non-negative, got {damping!r}.")

@@ -1,0 +1,334 @@
+r"""Eigenvalue-corrected K-FAC (EK-FAC, George et al. 2018).
+
+K-FAC's block :math:`G \otimes A` has the eigenbasis :math:`Q_G \otimes Q_A` and the
+eigenvalues :math:`\lambda_G \otimes \lambda_A`. EK-FAC keeps the basis and replaces the
+eigenvalues by the second moments of the per-sample gradients projected onto it,
+
+.. math:: E = (Q_G \otimes Q_A)\, \operatorname{diag}(m)\, (Q_G \otimes Q_A)^\top, \qquad
+   m = c \sum_{i, j} \big(Q_G^\top\, \textstyle\sum_p g_{ipj} a_{ip}^\top\, Q_A\big)^{\odot 2},
+
+with :math:`\sum_p g_{ipj} a_{ip}^\top` the gradient of sample :math:`i` for output-space column
+:math:`j` (see :func:`hessfunc.kfac`), summed over the positions where the weight is shared, and
+:math:`c` the loss's reduction factor, as curvlinops does. For ``fisher="type-2"``,
+:math:`\sum_j` of those outer products is the sample's exact GGN block, so :math:`m` is the
+diagonal of the GGN block in the basis, the best diagonal there in Frobenius norm: EK-FAC's
+error against the GGN's block is never larger than K-FAC's (which is another diagonal in the
+same basis).
+
+The moments are sums over samples with the same counts as :class:`hessfunc.KFAC`: for one
+fixed basis, the ``moments`` of several batches add up to the moments of their union.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+from . import _kron
+from ._kron import Fisher
+from ._layers import Layout
+from ._types import PyTree
+from .kfac import KFAC, _add, _normalise_grads, factor_sums
+from .losses import Loss
+
+__all__ = ["EKFAC", "Moments", "ekfac"]
+
+
+class Moments(NamedTuple):
+    """The part of an :class:`EKFAC` that is a sum over samples (for a fixed basis)."""
+
+    sums: tuple[torch.Tensor, ...]
+    """Per block the summed squared projections, ``(groups, out_features, size)``."""
+    loss_terms: torch.Tensor | None
+    """Loss terms a ``"mean"`` reduction divides by (0-d int64); ``None`` for ``"sum"``."""
+
+    def add(self, other: Moments) -> Moments:
+        """The moments of both batches (computed in the same basis): sums and counts added.
+
+        Args:
+            other: the ``moments`` of ``ekfac(..., basis=B)`` on other data, with the same
+                basis ``B``.
+
+        Returns:
+            ``Moments`` of the union of the batches.
+
+        Cost:
+            One addition per block.
+
+        Example:
+            >>> import torch, hessfunc
+            >>> from hessfunc.losses import MSELoss
+            >>> model = lambda p, X: torch.nn.functional.linear(X, p["w"])
+            >>> X, w = torch.eye(2), torch.zeros(1, 2)
+            >>> B = hessfunc.kfac(model, MSELoss(torch.zeros(2, 1)), {"w": w}, X)
+            >>> loss = MSELoss(torch.zeros(1, 1))
+            >>> parts = [
+            ...     hessfunc.ekfac(model, loss, {"w": w}, X[i : i + 1], basis=B) for i in range(2)
+            ... ]
+            >>> E = parts[0]._replace(moments=parts[0].moments.add(parts[1].moments))
+            >>> torch.allclose(E.dense(), B.dense())
+            True
+        """
+        return _add("hessfunc.ekfac.Moments.add(other)", self, other)
+
+
+class EKFAC(NamedTuple):
+    r"""An operator diagonal in a Kronecker eigenbasis, per block (see :func:`ekfac`).
+
+    A pytree. To sum over batches with one basis, sum the ``moments`` of
+    ``ekfac(..., basis=E)`` over the batches and put them in with ``E._replace(moments=...)``.
+    """
+
+    input_bases: tuple[torch.Tensor, ...]
+    """Per block :math:`Q_A` (eigenvectors in columns), ``(groups, size, size)``."""
+    grad_bases: tuple[torch.Tensor, ...]
+    """Per block :math:`Q_G`, ``(groups, out_features, out_features)``."""
+    moments: Moments
+    """The eigenvalues as sums over samples, with the loss-term count that normalises them."""
+    layout: Layout
+    """Which leaves each block covers, and which leaves no block covers (no tensors)."""
+
+    @property
+    def eigenvalues(self) -> tuple[torch.Tensor, ...]:
+        """Per block the eigenvalues :math:`m`, ``(groups, out_features, size)``."""
+        return tuple(_normalise_grads(s, self.moments.loss_terms) for s in self.moments.sums)
+
+    @property
+    def covered(self) -> tuple[str, ...]:
+        """Paths of the parameter leaves the blocks cover."""
+        names = {n for b in self.layout.blocks for n in b.names}
+        return tuple(p for p in self.layout.paths if p in names)
+
+    @property
+    def uncovered(self) -> tuple[tuple[str, str], ...]:
+        """``(path, reason)`` for every leaf no block covers; its curvature is taken as zero."""
+        return self.layout.uncovered
+
+    def __repr__(self) -> str:
+        blocks = ", ".join(f"{b.op}[{'+'.join(b.names)}]" for b in self.layout.blocks)
+        extra = f"; uncovered: {', '.join(p for p, _ in self.uncovered)}" if self.uncovered else ""
+        return f"EKFAC({blocks}{extra})"
+
+    def _apply(
+        self, where: str, tree: PyTree, name: str, scale: Callable, rest: Callable
+    ) -> PyTree:
+        ev = self.eigenvalues
+
+        def block(i: int, m: torch.Tensor) -> torch.Tensor:
+            qa, qg = self.input_bases[i], self.grad_bases[i]
+            return qg @ (scale(ev[i]) * (qg.mT @ m @ qa)) @ qa.mT
+
+        return _kron.blockwise(where, self.layout, tree, name, block, rest)
+
+    def matvec(self, v: PyTree) -> PyTree:
+        r"""The product :math:`E v`, a pytree like ``v`` (zero on uncovered leaves).
+
+        Args:
+            v: a pytree like the ``params`` the operator was built for.
+
+        Returns:
+            A pytree like ``v``.
+
+        Cost:
+            Per block four small matrix products per group, :math:`O(o\,d\,(o + d))`.
+
+        Example:
+            >>> import torch, hessfunc
+            >>> from hessfunc.losses import MSELoss
+            >>> model = lambda p, X: torch.nn.functional.linear(X, p["w"])
+            >>> X, w = torch.eye(2), torch.zeros(1, 2)
+            >>> E = hessfunc.ekfac(model, MSELoss(torch.zeros(2, 1), reduction="sum"), {"w": w}, X)
+            >>> E.matvec({"w": torch.ones(1, 2)})
+            {'w': tensor([[2., 2.]])}
+        """
+        return self._apply("hessfunc.EKFAC.matvec(v)", v, "v", lambda e: e, torch.zeros_like)
+
+    def solve(self, b: PyTree, damping: float | torch.Tensor) -> PyTree:
+        r"""Solve :math:`(E + \lambda I)\, x = b` exactly, in the eigenbasis.
+
+        :math:`x = Q (\operatorname{diag}(m) + \lambda)^{-1} Q^\top b`; uncovered leaves, where
+        :math:`E` is zero, get :math:`b / \lambda`.
+
+        Args:
+            b: a pytree like ``params``.
+            damping: :math:`\lambda \ge 0` (a float or a 0-d tensor); positive unless every
+                eigenvalue is.
+
+        Returns:
+            A pytree like ``b``: :math:`x`.
+
+        Cost:
+            As :meth:`matvec`; no eigendecomposition (the basis is stored).
+
+        Example:
+            >>> import torch, hessfunc
+            >>> from hessfunc.losses import MSELoss
+            >>> model = lambda p, X: torch.nn.functional.linear(X, p["w"])
+            >>> X, w = torch.eye(2), torch.zeros(1, 2)
+            >>> E = hessfunc.ekfac(model, MSELoss(torch.zeros(2, 1), reduction="sum"), {"w": w}, X)
+            >>> E.solve({"w": torch.ones(1, 2)}, damping=2.0)
+            {'w': tensor([[0.2500, 0.2500]])}
+        """
+        where = "hessfunc.EKFAC.solve(b, damping)"
+        _kron.check_damping(where, damping)
+        return self._apply(where, b, "b", lambda e: 1.0 / (e + damping), lambda x: x / damping)
+
+    def dense(self, *, max_bytes: int | None = None) -> torch.Tensor:
+        """The ``(n, n)`` matrix in ``hessfunc.ravel`` order (zero on uncovered leaves).
+
+        Args:
+            max_bytes: refuse when the matrix needs more (default: half the available memory).
+
+        Returns:
+            An ``(n, n)`` symmetric tensor.
+
+        Cost:
+            :math:`O(n^2)` memory; per block and group one product of ``(od, od)`` matrices.
+
+        Example:
+            >>> import torch, hessfunc
+            >>> from hessfunc.losses import MSELoss
+            >>> model = lambda p, X: torch.nn.functional.linear(X, p["w"])
+            >>> X, w = torch.eye(2), torch.zeros(1, 2)
+            >>> E = hessfunc.ekfac(model, MSELoss(torch.zeros(2, 1), reduction="sum"), {"w": w}, X)
+            >>> E.dense()
+            tensor([[1., 0.],
+                    [0., 1.]])
+        """
+        mats = []
+        for qa, qg, ev in zip(self.input_bases, self.grad_bases, self.eigenvalues, strict=True):
+            per_group = []
+            for a, g, e in zip(qa, qg, ev, strict=True):
+                q = torch.kron(g, a)
+                per_group.append((q * e.reshape(-1)) @ q.T)
+            mats.append(torch.stack(per_group))
+        return _kron.dense("hessfunc.EKFAC.dense()", self.layout, mats, max_bytes)
+
+
+def _moments(a: torch.Tensor, g: torch.Tensor, qa: torch.Tensor, qg: torch.Tensor) -> torch.Tensor:
+    """``sum_{k, n} (qg^T (sum_p g a^T) qa)^2`` per group, ``(groups, out, size)``.
+
+    ``a``: ``(N, P, groups, size)``; ``g``: ``(k, N, P, groups, out)``. Either the per-sample
+    gradients are formed (memory ``k N o d``) or their squares are expanded over pairs of
+    positions (memory ``N P^2 (o + d)``), whichever is smaller; without weight sharing
+    (``P = 1``) the latter is two element-wise squares and one matrix product.
+    """
+    at = torch.einsum("npgi,gij->npgj", a, qa)
+    gt = torch.einsum("knpgi,gij->knpgj", g, qg)
+    k, n, p, groups, o = gt.shape
+    d = at.shape[-1]
+    if k * o * d <= p * p * (o + d):
+        per_sample = torch.einsum("knpgo,npgd->kngod", gt, at)
+        return per_sample.square().sum((0, 1))
+    gg = torch.einsum("knpgo,knqgo->npqgo", gt, gt)
+    aa = torch.einsum("npgd,nqgd->npqgd", at, at)
+    return torch.einsum("npqgo,npqgd->god", gg, aa)
+
+
+def ekfac(
+    model_fn: Callable[..., torch.Tensor],
+    loss_fn: Loss,
+    params: PyTree,
+    *args: Any,
+    fisher: Fisher = "type-2",
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+    mc_samples: int = 1,
+    separate_bias: bool = False,
+    chunk_size: int | None = None,
+    basis: KFAC | EKFAC | None = None,
+) -> EKFAC:
+    r"""Eigenvalue-corrected K-FAC of every linear layer in ``model_fn`` (see the module doc).
+
+    Arguments and layer discovery are those of :func:`hessfunc.kfac`. Without ``basis``, the
+    K-FAC factors of this batch give the eigenbasis and the same backward passes give the
+    moments. With ``basis`` (a ``KFAC``, e.g. summed over a dataset, or an ``EKFAC``), its
+    eigenbasis is used and only the moments of this batch are computed: the two-pass recipe
+    for datasets, where the moments of every batch in one basis are summed.
+
+    Per-sample gradients need the samples on axis 0 of every covered layer's input, the rows of
+    the outputs; a model that flattens tokens into the output rows is refused (use
+    :func:`hessfunc.kfac`, which needs no per-sample gradients).
+
+    Args:
+        model_fn: ``model_fn(params, *args) -> outputs``, one tensor with samples on axis 0.
+        loss_fn: a :mod:`hessfunc.losses` object holding the targets.
+        params: a pytree of floating tensors.
+        *args: passed to ``model_fn`` as is.
+        fisher: ``"type-2"`` (default), ``"mc"`` or ``"empirical"``.
+        generator: for ``"mc"``: a ``torch.Generator`` (eager code).
+        noise: for ``"mc"``: uniform draws ``(mc_samples, *loss_fn.noise_shape(outputs))``.
+        mc_samples: targets drawn per sample (``"mc"`` only).
+        separate_bias: give each bias its own block.
+        chunk_size: output-space columns pulled back per vectorised pass (``None``: all).
+        basis: a ``KFAC`` or ``EKFAC`` with the same layout whose eigenbasis to use.
+
+    Returns:
+        An :class:`EKFAC` with ``.matvec``, ``.solve`` (exact, in the eigenbasis), ``.dense``,
+        ``.eigenvalues``, ``.covered`` and ``.uncovered``.
+
+    Cost:
+        As :func:`hessfunc.kfac` plus two eigendecompositions per block (none with an
+        ``EKFAC`` basis) and the projected per-sample gradients (see ``_moments``); with
+        ``chunk_size`` smaller than the number of columns and no ``basis``, the backward passes
+        run twice (once for the factors, once for the moments).
+
+    Example:
+        On one linear layer with summed squared error EK-FAC, like K-FAC, is the GGN itself:
+
+        >>> import torch, hessfunc
+        >>> from hessfunc.losses import MSELoss
+        >>> X = torch.tensor([[1.0, 2.0], [3.0, -1.0], [0.5, 0.0]], dtype=torch.float64)
+        >>> f64 = torch.float64
+        >>> p = {"w": torch.ones(2, 2, dtype=f64), "b": torch.zeros(2, dtype=f64)}
+        >>> model = lambda p, X: torch.nn.functional.linear(X, p["w"], p["b"])
+        >>> loss = MSELoss(torch.zeros(3, 2, dtype=torch.float64), reduction="sum")
+        >>> E = hessfunc.ekfac(model, loss, p, X)
+        >>> torch.allclose(E.dense(), hessfunc.ggn_matrix(model, loss, p, X))
+        True
+    """
+    where = "hessfunc.ekfac(model_fn, loss_fn, params, *args)"
+    _kron.check(
+        where, model_fn, loss_fn, params, fisher, generator, noise, mc_samples, separate_bias,
+        chunk_size,
+    )  # fmt: skip
+    if basis is not None and not isinstance(basis, (KFAC, EKFAC)):
+        raise TypeError(
+            f"{where}: basis must be a hessfunc.KFAC or hessfunc.EKFAC, got {type(basis).__name__}."
+        )
+    p = _kron.collect(
+        where, model_fn, loss_fn, params, args, fisher=fisher, generator=generator, noise=noise,
+        mc_samples=mc_samples, separate_bias=separate_bias, chunk_size=chunk_size,
+    )  # fmt: skip
+    for block, calls in zip(p.layout.blocks, p.inputs, strict=True):
+        for a in calls:
+            if a.shape[0] != p.rows:
+                raise ValueError(
+                    f"{where}: the input of {'+'.join(block.names)} has {a.shape[0]} samples on "
+                    f"axis 0 but the outputs have {p.rows} rows; per-sample gradients need the "
+                    "samples on axis 0 of every layer input, as in the outputs. Keep a sample "
+                    "axis in the outputs (loss terms per sample), or use hessfunc.kfac."
+                )
+    kept = None
+    if basis is None:
+        k, kept = factor_sums(p, keep=True)
+        basis = k.eigendecompose()
+    elif isinstance(basis, KFAC):
+        basis = basis.eigendecompose()
+    if basis.layout != p.layout:
+        raise ValueError(
+            f"{where}: basis has the blocks {[b.names for b in basis.layout.blocks]} but this "
+            f"call finds {[b.names for b in p.layout.blocks]}; build the basis with the same "
+            "model_fn, params and separate_bias."
+        )
+    sums: list[Any] = [0] * len(p.inputs)
+    for chunk in range(p.chunks):
+        gs = kept[0] if kept is not None else p.grads(chunk)
+        for i, (inputs, grads) in enumerate(zip(p.inputs, gs, strict=True)):
+            a = torch.cat(inputs, 1) if len(inputs) > 1 else inputs[0]
+            g = torch.cat(grads, 2) if len(grads) > 1 else grads[0]
+            sums[i] = sums[i] + _moments(a, g, basis.input_bases[i], basis.grad_bases[i])
+    sums = [s * p.weight if p.weight != 1.0 else s for s in sums]
+    return basis._replace(moments=Moments(tuple(sums), p.loss_terms))
