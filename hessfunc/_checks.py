@@ -153,3 +153,20 @@ def scalar_fn(where: str, f: Callable[..., Any]) -> Callable[..., torch.Tensor]:
         return out
 
     return wrapped
+
+
+def check_random_source(where: str, what: str, generator: Any, noise: Any) -> None:
+    """``what`` (e.g. ``"fisher='mc'"``) draws from exactly one of ``generator`` and ``noise``."""
+    if (generator is None) == (noise is None):
+        raise ValueError(
+            f"{where}: {what} needs exactly one source of randomness: generator="
+            "torch.Generator().manual_seed(...) or noise=<uniform draws>; got "
+            f"{'both' if generator is not None else 'neither'}. hessfunc never uses the "
+            "global RNG; under torch.compile pass noise."
+        )
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"{where}: generator must be a torch.Generator, got {type(generator).__name__}."
+        )
+    if noise is not None and (not isinstance(noise, torch.Tensor) or not noise.is_floating_point()):
+        raise TypeError(f"{where}: noise must be a floating tensor of uniform draws in [0, 1).")

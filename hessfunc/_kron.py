@@ -80,21 +80,7 @@ def check(
                 f"fisher={fisher!r} is deterministic. Drop them or pass fisher='mc'."
             )
     else:
-        if (generator is None) == (noise is None):
-            raise ValueError(
-                f"{where}: fisher='mc' needs exactly one source of randomness: generator="
-                "torch.Generator().manual_seed(...) or noise=<uniform draws>; got "
-                f"{'both' if generator is not None else 'neither'}. hessfunc never uses the "
-                "global RNG; under torch.compile pass noise."
-            )
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(
-                f"{where}: generator must be a torch.Generator, got {type(generator).__name__}."
-            )
-        if noise is not None and (
-            not isinstance(noise, torch.Tensor) or not noise.is_floating_point()
-        ):
-            raise TypeError(f"{where}: noise must be a floating tensor of uniform draws in [0, 1).")
+        _checks.check_random_source(where, "fisher='mc'", generator, noise)
     if not isinstance(separate_bias, bool):
         raise TypeError(f"{where}: separate_bias must be a bool, got {separate_bias!r}.")
     _checks.check_chunk_size(where, chunk_size)

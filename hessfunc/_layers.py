@@ -199,6 +199,18 @@ class Layout:
         """``(path, reason)`` for every leaf no block covers."""
         return tuple(zip(self.uncovered_paths, self.reasons, strict=True))
 
+    @property
+    def covered(self) -> tuple[str, ...]:
+        """Paths of the leaves some block covers, in the parameters' order."""
+        names = {n for b in self.blocks for n in b.names}
+        return tuple(p for p in self.paths if p in names)
+
+    def describe(self, kind: str) -> str:
+        """``kind(op[leaves], ...; uncovered: ...)``: the ``repr`` of an approximation."""
+        blocks = ", ".join(f"{b.op}[{'+'.join(b.names)}]" for b in self.blocks)
+        extra = f"; uncovered: {', '.join(self.uncovered_paths)}" if self.uncovered_paths else ""
+        return f"{kind}({blocks}{extra})"
+
     def check(self, where: str, name: str, tree: Any) -> list[torch.Tensor]:
         """The leaves of ``tree``, checked to be shaped like the parameters."""
         leaves = _tree.tree_leaves(tree)

@@ -98,8 +98,7 @@ class EKFAC(NamedTuple):
     @property
     def covered(self) -> tuple[str, ...]:
         """Paths of the parameter leaves the blocks cover."""
-        names = {n for b in self.layout.blocks for n in b.names}
-        return tuple(p for p in self.layout.paths if p in names)
+        return self.layout.covered
 
     @property
     def uncovered(self) -> tuple[tuple[str, str], ...]:
@@ -107,9 +106,7 @@ class EKFAC(NamedTuple):
         return self.layout.uncovered
 
     def __repr__(self) -> str:
-        blocks = ", ".join(f"{b.op}[{'+'.join(b.names)}]" for b in self.layout.blocks)
-        extra = f"; uncovered: {', '.join(p for p, _ in self.uncovered)}" if self.uncovered else ""
-        return f"EKFAC({blocks}{extra})"
+        return self.layout.describe("EKFAC")
 
     def _apply(
         self, where: str, tree: PyTree, name: str, scale: Callable, rest: Callable

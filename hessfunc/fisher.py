@@ -122,21 +122,7 @@ def fisher_vp(
     else:
         if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
             raise ValueError(f"{where}: mc_samples must be a positive int, got {mc_samples!r}.")
-        if (generator is None) == (noise is None):
-            raise ValueError(
-                f"{where}: kind='mc' needs exactly one source of randomness: generator="
-                "torch.Generator().manual_seed(...) or noise=<uniform draws>; got "
-                f"{'both' if generator is not None else 'neither'}. hessfunc never uses the "
-                "global RNG."
-            )
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(
-                f"{where}: generator must be a torch.Generator, got {type(generator).__name__}."
-            )
-        if noise is not None and (
-            not isinstance(noise, torch.Tensor) or not noise.is_floating_point()
-        ):
-            raise TypeError(f"{where}: noise must be a floating tensor of uniform draws in [0, 1).")
+        _checks.check_random_source(where, "kind='mc'", generator, noise)
     _checks.check_params(where, params)
     _checks.check_like(where, params, v)
 

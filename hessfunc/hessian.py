@@ -33,6 +33,7 @@ def _dense(
     """The Hessian of ``flat_f`` at ``flat``, row ``i`` = ``H e_i``, in chunks of directions."""
     n = flat.numel()
     _memory.guard(where, n, flat.dtype, flat.device, chunk_size, max_bytes)
+
     def product(mode: str) -> torch.Tensor:
         def run(grad_flat: Callable) -> torch.Tensor:
             if mode == "fwd-rev":

@@ -101,6 +101,7 @@ def hvp(
     _checks.check_mode(where, mode)
     _checks.check_params(where, params)
     _checks.check_like(where, params, v)
+
     def product(mode: str) -> PyTree:
         if mode == "fwd-rev":
             run = lambda g: jvp(g, (params,), (v,))[1]  # noqa: E731
@@ -152,6 +153,7 @@ def hvps(
     _checks.check_chunk_size(where, chunk_size)
     _checks.check_params(where, params)
     _checks.check_like(where, params, vs, "vs", batched=True)
+
     def product(mode: str) -> PyTree:
         def run(g: Callable) -> PyTree:
             if mode == "fwd-rev":

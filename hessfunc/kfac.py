@@ -91,8 +91,7 @@ class KFAC(NamedTuple):
     @property
     def covered(self) -> tuple[str, ...]:
         """Paths (as ``hessfunc`` prints them) of the parameter leaves the blocks cover."""
-        names = {n for b in self.layout.blocks for n in b.names}
-        return tuple(p for p in self.layout.paths if p in names)
+        return self.layout.covered
 
     @property
     def uncovered(self) -> tuple[tuple[str, str], ...]:
@@ -100,9 +99,7 @@ class KFAC(NamedTuple):
         return self.layout.uncovered
 
     def __repr__(self) -> str:
-        blocks = ", ".join(f"{b.op}[{'+'.join(b.names)}]" for b in self.layout.blocks)
-        extra = f"; uncovered: {', '.join(p for p, _ in self.uncovered)}" if self.uncovered else ""
-        return f"KFAC({blocks}{extra})"
+        return self.layout.describe("KFAC")
 
     def add(self, other: KFAC) -> KFAC:
         """The K-FAC of both batches: every sum and count added (equal layouts required).
