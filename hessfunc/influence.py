@@ -40,7 +40,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch.func import vmap
 
-from . import _checks, _memory, _tree
+from . import _checks, _influence_kron, _memory, _tree
 from ._types import Mode, PyTree
 from .fisher import per_sample_grads
 from .hessian import hessian_matrix, rows_over_basis
@@ -50,7 +50,7 @@ from .solvers import cg
 
 __all__ = ["influence"]
 
-Solver = Literal["cg", "lissa", "low_rank", "dense"]
+Solver = Literal["cg", "lissa", "low_rank", "dense", "kfac", "ekfac"]
 WHERE = "hessfunc.influence(loss, params, train, test)"
 
 
@@ -62,6 +62,7 @@ class _Problem(NamedTuple):
     batch_matvec: Callable[..., PyTree]  # (v, *batch) -> C_batch v, one minibatch's curvature
     dense: Callable[[int | None, int | None], torch.Tensor]  # (chunk, max_bytes) -> (n, n) C
     n: int
+    batches: Callable[[], list[tuple]]  # the training set in chunks of chunk_size samples
 
 
 class _Solve(NamedTuple):
@@ -260,6 +261,30 @@ def _dense(problem: _Problem, damping: Any, given: Mapping[str, Any]) -> _Solve:
     return _Solve(block)
 
 
+def _kron(kind: str) -> Callable[[_Problem, Any, Mapping[str, Any]], _Solve]:
+    """The factory of ``solver="kfac"`` or ``"ekfac"``.
+
+    The factors are built once over the training chunks and eigendecomposed once; each test
+    sample then costs one exact solve with them.
+    """
+
+    def factory(problem: _Problem, damping: Any, given: Mapping[str, Any]) -> _Solve:
+        opts = _options(kind, given, _influence_kron.DEFAULTS)
+        _influence_kron.check(WHERE, kind, opts, damping)
+        op = _influence_kron.build(WHERE, kind, problem.params, problem.batches(), opts)
+
+        def one(g: PyTree) -> PyTree:
+            return op.solve(g, damping)
+
+        def block(G: PyTree) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            k = _tree.tree_leaves(G)[0].shape[0]
+            return _tree.ravel_rows(_map_rows(one, G, k)), {}
+
+        return _Solve(block)
+
+    return factory
+
+
 def _user_solver(solver: Any, damping: Any) -> _Solve:
     """A solver passed in: an object with ``.solve(b, damping)`` or a callable ``b -> x``.
 
@@ -298,6 +323,8 @@ _SOLVERS: dict[str, Callable[[_Problem, Any, Mapping[str, Any]], _Solve]] = {
     "lissa": _lissa,
     "low_rank": _low_rank,
     "dense": _dense,
+    "kfac": _kron("kfac"),
+    "ekfac": _kron("ekfac"),
 }
 
 
@@ -361,7 +388,10 @@ def _problem(
             total = part if total is None else total + part
         return total
 
-    return _Problem(params, matvec, batch_matvec, dense, n)
+    def batches() -> list[tuple]:
+        return [_slice(train, start, stop) for start, stop in spans]
+
+    return _Problem(params, matvec, batch_matvec, dense, n, batches)
 
 
 def influence(
@@ -411,6 +441,28 @@ def influence(
     * ``"dense"`` [``chunk_size=None``, ``max_bytes=None``, passed to the dense build]: the
       dense curvature (:func:`hessfunc.hessian_matrix` for the Hessian) and its
       eigendecomposition: exact, :math:`O(n^2)` memory and :math:`O(n^3)` time; the reference.
+    * ``"kfac"`` / ``"ekfac"`` [``model_fn``, ``loss_fn`` (both required), ``fisher="type-2"``,
+      ``generator=None``, ``mc_samples=1``, ``separate_bias=False``, ``chunk_size=None``]:
+      :math:`C` is the K-FAC (:func:`hessfunc.kfac`) or EK-FAC (:func:`hessfunc.ekfac`) of the
+      training set, built once over the training chunks (``chunk_size`` samples at a time,
+      merged exactly: ``KFAC.add``, and for EK-FAC a second pass for the moments in the merged
+      basis), eigendecomposed once, then solved exactly for each test sample, with no model
+      pass. ``model_fn(params, *batch) -> outputs`` and ``loss_fn(*batch) ->`` a
+      :mod:`hessfunc.losses` object with ``reduction="mean"`` take a training batch as ``loss``
+      does: with ``apply, params = hessfunc.from_module(net)`` and ``train = (X, y)``, pass
+      ``{"model_fn": lambda p, X, y: apply(p, X), "loss_fn": lambda X, y:
+      CrossEntropyLoss(y)}``. The other options are :func:`hessfunc.kfac`'s (``chunk_size``:
+      output-space columns per vectorised backward pass; ``generator`` for ``fisher="mc"``).
+      **What it approximates**: the Gauss-Newton matrix (``"type-2"``; a Fisher for ``"mc"``
+      and ``"empirical"``) of the data term ``loss_fn`` builds, layer by layer, not the Hessian
+      of ``loss``; exact for one linear layer with MSE. **A regulariser in** ``loss`` **is not
+      in the factors**, and nothing is added for it: add its curvature to ``damping`` yourself
+      (``damping = λ + 2α`` for :math:`\alpha \|\theta\|^2` on every leaf; on some leaves
+      only, the others are then damped by :math:`2\alpha` too). Leaves that no layer covers
+      (``.uncovered`` of :func:`hessfunc.kfac` on a batch) have zero curvature in the factors
+      and are divided by the damping, so these solvers need ``damping > 0``. A ``KFAC`` or
+      ``EKFAC`` built beforehand can be passed as ``solver`` itself (``K.eigendecompose()``,
+      so that the factors are decomposed once).
     * an object with ``.solve(b, damping)`` returning :math:`(C + \lambda I)^{-1} b` (a
       :class:`hessfunc.LowRankInverse` built beforehand, or any factorisation of your own),
       or a callable ``b -> x`` with its damping built in (then leave ``damping=0``). They are
@@ -428,8 +480,8 @@ def influence(
         train: a tuple of the training arguments of ``loss``, samples along axis 0 (``N``).
         test: a tuple of test arguments, samples along axis 0 (``n_test``).
         damping: :math:`\lambda \ge 0` (a number or a 0-d tensor).
-        solver: ``"cg"``, ``"lissa"``, ``"low_rank"``, ``"dense"``, or an object or callable as
-            above.
+        solver: ``"cg"``, ``"lissa"``, ``"low_rank"``, ``"dense"``, ``"kfac"``, ``"ekfac"``, or
+            an object or callable as above.
         solver_options: the chosen solver's options (a dict; see the list above).
         curvature: ``"hessian"`` (default) or a callable ``(params, v, *batch) -> C v`` for the
             mean loss on ``batch``, regulariser included, e.g. a Gauss-Newton product plus
@@ -450,10 +502,17 @@ def influence(
         ``n_test + N`` gradients (per sample, vectorised), plus the solver: CG ``maxiter``
         curvature products per test block (each a ``vmap`` over the block, over all ``N``
         training samples), LiSSA ``num_iters`` per block, low rank ``num_iters`` once, dense
-        ``n`` once plus an :math:`O(n^3)` eigendecomposition. Memory: ``n_test + chunk_size``
-        parameter-sized vectors (solutions, one chunk of training gradients), plus the
-        solver's working set for one block (CG: four vectors per test sample in it; low rank:
-        ``rank`` vectors; dense: :math:`2n^2`).
+        ``n`` once plus an :math:`O(n^3)` eigendecomposition. K-FAC: one pass over the
+        training set (two forwards and ``K`` vectorised backwards per chunk, ``K`` the
+        output-space columns: classes for ``"type-2"`` cross-entropy) and two eigendecompositions
+        of :math:`o \times o` and :math:`d \times d` factors per layer; EK-FAC: the same plus a
+        second pass for the moments (one pass in all when the training set is one chunk); then
+        :math:`O(o\,d\,(o + d))` per layer and test sample, no model pass. Memory:
+        ``n_test + chunk_size`` parameter-sized vectors (solutions, one chunk of training
+        gradients), plus the solver's working set for one block (CG: four vectors per test
+        sample in it; low rank: ``rank`` vectors; dense: :math:`2n^2`; K-FAC and EK-FAC: the
+        factors, :math:`O(o^2 + d^2)` per layer, and one chunk's layer inputs and output
+        gradients while building).
 
     Example:
         Ridge regression, where the Hessian is :math:`\frac2N X^\top X + 2\alpha I` and the
@@ -503,6 +562,14 @@ def influence(
             raise ValueError(
                 f"{WHERE}: unknown solver={solver!r}; expected one of {sorted(_SOLVERS)}, an "
                 "object with .solve(b, damping), or a callable b -> x."
+            )
+        if solver in ("kfac", "ekfac") and not (
+            isinstance(curvature, str) and curvature == "hessian"
+        ):
+            raise ValueError(
+                f"{WHERE}: curvature= does not apply to solver={solver!r}, whose factors are the "
+                "curvature (of the loss that solver_options['loss_fn'] builds); drop curvature=, "
+                "or use solver='cg' or 'dense' with it."
             )
         built = _SOLVERS[solver](problem, damping, dict(solver_options or {}))
         block_size = test_chunk_size
