@@ -129,6 +129,27 @@ def ddp_uneven_shards_equal_the_full_data_products(rank, world):
 
 
 @check
+def kronecker_factor_sums_are_all_reduced_once(rank, world):
+    """K-FAC and EK-FAC hold sums over samples with their counts: one all-reduce of a rank's sums
+    gives the factors of the whole data set (uneven shards, ragged batches); EK-FAC takes a
+    second pass for its moments in the all-reduced basis."""
+    apply, params = hessfunc.from_module(net())
+    params = _tree.tree_map(lambda p: p.double(), params)
+    X, y = data()
+    X = X.double()
+    local = shards(rank, X, y)
+    kfac = lambda X, y: hessfunc.kfac(apply, CrossEntropyLoss(y), params, X)  # noqa: E731
+    K = sum_over(kfac, local, reduce=AllReduce())
+    close(K.dense(), kfac(X, y).dense(), rtol=1e-12, atol=1e-14)
+    ekfac = lambda X, y: hessfunc.ekfac(apply, CrossEntropyLoss(y), params, X, basis=K)  # noqa: E731
+    moments = sum_over(lambda X, y: ekfac(X, y).moments, local, reduce=AllReduce())
+    whole = ekfac(X, y)
+    close(whole._replace(moments=moments).dense(), whole.dense(), rtol=1e-12, atol=1e-14)
+    # negative control: a rank's own factors are not the data set's
+    assert differ(sum_over(kfac, local).dense(), K.dense())
+
+
+@check
 def token_counts_are_reduced_with_the_sums(rank, world):
     apply, params = hessfunc.from_module(net())
     v = direction(params)

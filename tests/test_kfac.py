@@ -475,6 +475,8 @@ def test_sums_over_batches_are_the_factors_of_the_union(reduction):
     torch.testing.assert_close(summed.dense(), whole.dense(), **EXACT)
     # a plain leafwise sum of the pytrees (what a dataset or all-reduce of them does) is the same
     torch.testing.assert_close(_tree.add(first, second).dense(), whole.dense(), **EXACT)
+    dataset = hessfunc.data.sum_over(batch, parts)
+    torch.testing.assert_close(dataset.dense(), whole.dense(), **EXACT)
     assert _tree.tree_leaves(summed.layout) == []
     assert int(summed.loss_terms if reduction == "mean" else 14) == 14
     # EK-FAC in one fixed basis: the moments add up the same way
