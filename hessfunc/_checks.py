@@ -13,7 +13,7 @@ from typing import Any, get_args
 import torch
 
 from . import _tree
-from ._types import Mode
+from ._types import Mode, PyTree
 
 MODES: tuple[str, ...] = get_args(Mode)
 
@@ -170,3 +170,25 @@ def check_random_source(where: str, what: str, generator: Any, noise: Any) -> No
         )
     if noise is not None and (not isinstance(noise, torch.Tensor) or not noise.is_floating_point()):
         raise TypeError(f"{where}: noise must be a floating tensor of uniform draws in [0, 1).")
+
+
+def check_batched(where: str, out: PyTree, like: PyTree, k: int) -> PyTree:
+    """``out``, ``k`` batched products, checked to be shaped like ``like`` with a leading ``k``.
+
+    A ``vmap`` batching rule that mishandles a broadcast in a backward formula returns a result
+    of the wrong shape rather than raising: on torch 2.13, ``masked_select`` on a mask that
+    broadcasts its input (its ``masked_scatter_backward`` runs through vmap's fallback) gave an
+    ``(n_mask, n)`` block for a ``(k, n)`` one (hessfunc now routes that op, ``_decomp``). Any
+    other such rule is caught here rather than returned; shapes are static, so this costs
+    nothing under compile.
+    """
+    for got, ref in zip(_tree.tree_leaves(out), _tree.tree_leaves(like), strict=True):
+        if tuple(got.shape) != (k, *ref.shape):
+            raise NotImplementedError(
+                f"{where}: vmap batched a derivative inside f wrongly: a block of {k} products "
+                f"came back with shape {tuple(got.shape)} instead of {(k, *tuple(ref.shape))} (a "
+                "torch.func vectorisation rule, e.g. masked_select with a mask that broadcasts its "
+                "input). Take one direction at a time with hessfunc.hvp (or ggn_vp) in a Python "
+                "loop, or try the other mode and confirm it with hessfunc.check_hvp."
+            )
+    return out

@@ -25,6 +25,10 @@ name, whose argument order differs. ``tests/test_decomp.py`` walks torch's names
 if a callable reaching one of these kernels is missing from the table. Internal entry points that
 only the routed functions call (``_batch_norm_impl_index``, the cuDNN and MIOpen kernels) are
 reached only through routed callers and need no entry.
+
+One op outside the normalisation family is routed the same way for another reason:
+``masked_select`` with a mask that broadcasts its input, whose backward vmap batches wrongly
+(see :func:`masked_select`).
 """
 
 from __future__ import annotations
@@ -202,6 +206,22 @@ def weight_norm(v, g, dim=0):
     return weight_norm_interface(v, g, dim)[0]
 
 
+# ----------------------------------------------------------------------------- selection
+
+
+def masked_select(input, mask):
+    """``masked_select`` with the broadcast of ``input`` against ``mask`` done first, by ``expand``.
+
+    When ``mask`` broadcasts ``input``, the op's backward (``masked_scatter_backward``, which has
+    no vmap batching rule) reduces over the broadcast axes itself, and vmap's fallback gets that
+    wrong: the rows of a ``rev-rev`` ``hessian_matrix`` or ``hvps`` come out zero or of the wrong
+    shape (torch 2.13; the unbatched ``hvp`` is right). With the broadcast done by ``expand``,
+    the reduction belongs to ``expand``'s backward, which vmap batches correctly.
+    """
+    shape = torch.broadcast_shapes(input.shape, mask.shape)
+    return torch.masked_select(input.expand(shape), mask.expand(shape))
+
+
 # ----------------------------------------------------------------------------- routing
 
 # aten operator name -> composite with the aten schema's argument order
@@ -219,6 +239,7 @@ _ATEN: dict[str, Callable[..., Any]] = {
     "native_group_norm": native_group_norm,
     "_weight_norm": weight_norm,
     "_weight_norm_interface": weight_norm_interface,
+    "masked_select": masked_select,
 }
 # torch.nn.functional wrappers, whose argument order differs from the aten schema
 _FUNCTIONAL: dict[Callable[..., Any], Callable[..., Any]] = {

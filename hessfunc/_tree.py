@@ -280,3 +280,8 @@ def leaf_names(tree: PyTree) -> list[str]:
     """
     paths = optree.tree_paths(tree, is_leaf=_is_leaf, none_is_leaf=False, namespace=NAMESPACE)
     return [".".join(str(k) for k in path) for path in paths]
+
+
+def batch_size(tree: PyTree) -> int:
+    """The leading (batch) size of a pytree of stacked tensors, read from its first leaf."""
+    return tree_leaves(tree)[0].shape[0]

@@ -215,7 +215,8 @@ def ggn_vps(
 
     def product(m: str) -> PyTree:
         one = _ggn_product(where, model_fn, loss_fn, m, args)
-        return vmap(lambda t: one(params, t), chunk_size=chunk_size)(vs)
+        out = vmap(lambda t: one(params, t), chunk_size=chunk_size)(vs)
+        return _checks.check_batched(where, out, params, _tree.batch_size(vs))
 
     return _context.evaluate(where, mode, product, hessian=False)
 

@@ -62,13 +62,19 @@ def rows_over_basis(
     with a progress bar where one is wanted (``_progress``).
     """
     n = flat.numel()
+
+    def block(start: int, stop: int) -> torch.Tensor:
+        return _checks.check_batched(
+            where, batched(_basis(start, stop, n, flat)), flat, stop - start
+        )
+
     if chunk_size is None or chunk_size >= n:
-        return batched(_basis(0, n, n, flat))
+        return block(0, n)
     out = torch.empty(n, n, dtype=flat.dtype, device=flat.device)
     starts = _progress.track(range(0, n, chunk_size), where=where, desc="dense chunks")
     for start in starts:
         stop = min(start + chunk_size, n)
-        out[start:stop] = batched(_basis(start, stop, n, flat))
+        out[start:stop] = block(start, stop)
     return out
 
 

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 import torch
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
-from . import _checks, _context, _operator
+from . import _checks, _context, _operator, _tree
 from ._types import Mode, PyTree
 
 __all__ = ["hessian_operator", "hvp", "hvps"]
@@ -157,9 +157,11 @@ def hvps(
     def product(mode: str) -> PyTree:
         def run(g: Callable) -> PyTree:
             if mode == "fwd-rev":
-                return vmap(lambda t: jvp(g, (params,), (t,))[1], chunk_size=chunk_size)(vs)
-            pullback = vjp(g, params)[1]
-            return vmap(lambda t: pullback(t)[0], chunk_size=chunk_size)(vs)
+                out = vmap(lambda t: jvp(g, (params,), (t,))[1], chunk_size=chunk_size)(vs)
+            else:
+                pullback = vjp(g, params)[1]
+                out = vmap(lambda t: pullback(t)[0], chunk_size=chunk_size)(vs)
+            return _checks.check_batched(where, out, params, _tree.batch_size(vs))
 
         return over_gradient(where, f, args, mode, run)
 
@@ -219,7 +221,12 @@ def hessian_operator(
         return _context.evaluate(
             where,
             "rev-rev",
-            lambda m: vmap(lambda t: pullback(t)[0], chunk_size=chunk_size)(vs),
+            lambda m: _checks.check_batched(
+                where,
+                vmap(lambda t: pullback(t)[0], chunk_size=chunk_size)(vs),
+                params,
+                _tree.batch_size(vs),
+            ),
             hessian=True,
         )
 

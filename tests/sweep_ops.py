@@ -115,7 +115,7 @@ def routed_ops() -> frozenset[str]:
     The table is the library's declaration; an op added to it joins this set, and the sweep then
     requires it to come out ``exact`` (not merely refused).
     """
-    table = getattr(_decomp, "_COMPOSITE", {})
+    table = _decomp.ROUTES
     return frozenset(key for key, op in OPS.items() if op.op in table)
 
 

@@ -93,3 +93,29 @@ def test_ops_with_inexact_forward_mode_are_exact_through_every_product(op):
     J = torch.autograd.functional.jacobian(model, L).reshape(-1, 16)
     loss = MSELoss(torch.zeros_like(model(L)), reduction="sum")
     assert_close(hessfunc.ggn_vp(model, loss, L, v), (2 * J.T @ J @ v.reshape(-1)).reshape(4, 4))
+
+
+@pytest.mark.parametrize("mode", ["fwd-rev", "rev-rev"])
+def test_masked_select_with_a_broadcast_mask_is_exact_in_batched_products(mode):
+    """vmap batches masked_select's backward wrongly when the mask broadcasts the input (rows of
+    zeros or of the wrong shape in rev-rev); routed through expand, every product is exact."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(10, dtype=torch.float64, generator=g)
+    mask = torch.rand(10, 10, generator=g) > 0.5
+    w = torch.randn(int(mask.sum()), dtype=torch.float64, generator=g)
+    f = lambda x: (w * torch.masked_select(x, mask)).sum() + x.masked_select(mask).pow(3).sum()
+    H = torch.autograd.functional.hessian(f, x)
+    assert_close(hessfunc.hessian_matrix(f, x, mode=mode), H)
+    vs = torch.randn(3, 10, dtype=torch.float64, generator=g)
+    assert_close(hessfunc.hvps(f, x, vs, mode=mode), vs @ H)
+
+
+def test_a_batched_product_of_the_wrong_shape_is_an_error():
+    from hessfunc import _checks
+
+    like = {"w": torch.zeros(4)}
+    _checks.check_batched("hessfunc.hvps(f, params, vs, *args)", {"w": torch.ones(3, 4)}, like, 3)
+    with pytest.raises(NotImplementedError, match=r"hessfunc.hvps.*shape \(10, 4\) instead of"):
+        _checks.check_batched(
+            "hessfunc.hvps(f, params, vs, *args)", {"w": torch.ones(10, 4)}, like, 3
+        )

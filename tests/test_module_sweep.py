@@ -68,48 +68,14 @@ FAST = frozenset(
 )
 FULL_ONLY = frozenset({"nn.LinearCrossEntropyLoss"})  # 857 module_db inputs, minutes
 
-_NO_DOUBLE_BACKWARD = (
-    "rev-rev: torch has no derivative for {} and its error escapes without a hessfunc message"
-)
-_LEGACY_FUNCTION = (
-    "an autograd.Function without setup_context inside the module ({}): the torch.func error "
-    "escapes without a hessfunc message"
-)
-_WEIGHT_NORM = "rev-rev silently wrong: _weight_norm_interface's double backward"
-
-# What fails today, and why: strict expected failures, keyed by (case, "train" | "eval").
-KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    **{
-        (key, mode): reason
-        for mode in MODES
-        for key, reason in {
-            "nn.CTCLoss": "rev-rev raw error: 'Cannot access data pointer of Tensor that "
-            "doesn't have storage'",
-            "nn.CrossMapLRN2d": _LEGACY_FUNCTION.format("CrossMapLRN2d"),
-            "nn.Embedding(max_norm=0.5)": "mutates: the forward renormalises the weight in "
-            "place, through params into the module's parameter",
-            "nn.EmbeddingBag": _NO_DOUBLE_BACKWARD.format("_embedding_bag_backward"),
-            "nn.EmbeddingBag(mode=max)": _NO_DOUBLE_BACKWARD.format("_embedding_bag_backward"),
-            "nn.Hardsigmoid": _NO_DOUBLE_BACKWARD.format("hardsigmoid_backward"),
-            "nn.LinearCrossEntropyLoss": _LEGACY_FUNCTION.format("its chunked path"),
-            "nn.LinearCrossEntropyLoss(options=chunked)": _LEGACY_FUNCTION.format(
-                "its chunked path"
-            ),
-            "nn.MultiLabelMarginLoss": _NO_DOUBLE_BACKWARD.format(
-                "multilabel_margin_loss_backward"
-            ),
-            "nn.MultiMarginLoss": _NO_DOUBLE_BACKWARD.format("multi_margin_loss_backward"),
-            "parametrizations.weight_norm(nn.Linear)": _WEIGHT_NORM,
-            "utils.weight_norm(nn.Linear)": _WEIGHT_NORM
-            + "; and module.weight is left holding a torch.func-internal tensor",
-            "utils.spectral_norm(nn.Linear)": "mutates: module.weight is left holding a "
-            "torch.func-internal tensor (training mode: also the _u/_v buffers)",
-        }.items()
-    },
-    ("nn.RReLU", "train"): "mutates: draws its random slopes from the global RNG",
-    ("parametrizations.spectral_norm(nn.Linear)", "train"): "mutates: power iteration writes "
-    "the _u/_v buffers (also when fwd-rev then raises)",
-}
+# What fails today, and why: strict expected failures, keyed by (case, "train" | "eval"); an
+# entry turns into a test failure once fixed and must then be removed. Fixed since the sweep
+# first ran: weight_norm (both forms; its double backward is wrong upstream), modules whose
+# forward writes state or draws random numbers (Embedding(max_norm=...), spectral_norm in
+# both forms, RReLU in training), and the raw torch.func errors of CTCLoss, CrossMapLRN2d,
+# EmbeddingBag, Hardsigmoid, LinearCrossEntropyLoss and the margin losses, which are now
+# hessfunc errors.
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -130,8 +96,17 @@ def _cases():
             yield pytest.param(key, mode, marks=marks, id=f"{key}-{mode}")
 
 
-# What a refusal must suggest: the other AD mode, or evaluation mode / no running statistics.
-_FIXES = ("mode='rev-rev'", "module.eval()", "track_running_stats=False")
+# What a refusal must suggest: the other AD mode, evaluation mode / no running statistics, or
+# the change to the layer or op that torch.func needs.
+_FIXES = (
+    "mode='rev-rev'",
+    "mode='fwd-rev'",
+    "module.eval()",
+    "track_running_stats=False",
+    "pass them as Python ints",
+    "setup_context staticmethod",
+    "build it without max_norm",
+)
 
 
 @pytest.mark.parametrize(("key", "mode"), list(_cases()))
@@ -204,21 +179,10 @@ def _hvp_verdicts(build, x: torch.Tensor, training: bool = False) -> dict[str, s
     return verdicts
 
 
-_WEIGHT_NORM_REV_REV = pytest.mark.xfail(
-    strict=True,
-    reason="_weight_norm_interface's double backward is wrong: rev-rev HVPs through weight norm "
-    "are silently off by tens of percent",
-)
-
-
-@pytest.mark.parametrize(
-    "form",
-    [
-        pytest.param("parametrizations", marks=_WEIGHT_NORM_REV_REV),
-        pytest.param("hook", marks=_WEIGHT_NORM_REV_REV),
-    ],
-)
+@pytest.mark.parametrize("form", ["parametrizations", "hook"])
 def test_weight_norm(form):
+    """_weight_norm_interface's double backward is wrong upstream (rev-rev HVPs were off by tens
+    of percent); hessfunc routes it through the composite formula."""
     if form == "hook":
         build = lambda: nn.utils.weight_norm(nn.Linear(4, 3))
     else:
@@ -229,38 +193,21 @@ def test_weight_norm(form):
     assert not bad, bad
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Embedding(max_norm=...) renormalises its weight in place during apply: the module's "
-    "parameter changes",
-)
 def test_embedding_max_norm_is_not_mutated():
     tokens = torch.tensor([[0, 1, 2], [2, 3, 4]])
     _assert_untouched(lambda: nn.Embedding(5, 3, max_norm=0.5), tokens)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="training-mode spectral_norm runs power iteration on its _u/_v buffers during apply",
-)
 @pytest.mark.parametrize("form", ["hook", "parametrizations"])
 def test_training_spectral_norm_is_not_mutated(form):
     wrap = nn.utils.spectral_norm if form == "hook" else nn.utils.parametrizations.spectral_norm
     _assert_untouched(lambda: wrap(nn.Linear(4, 3)), torch.randn(5, 4), training=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the hook form of spectral_norm leaves module.weight holding a torch.func-internal "
-    "tensor after a call",
-)
 def test_eval_spectral_norm_hook_is_not_mutated():
     _assert_untouched(lambda: nn.utils.spectral_norm(nn.Linear(4, 3)), torch.randn(5, 4))
 
 
-@pytest.mark.xfail(
-    strict=True, reason="training-mode RReLU draws its slopes from the global RNG during apply"
-)
 def test_training_rrelu_is_not_mutated():
     _assert_untouched(nn.RReLU, torch.randn(5, 4), training=True)
 
