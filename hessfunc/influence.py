@@ -35,47 +35,25 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import torch
 from torch.func import vmap
 
-from . import _checks, _influence_kron, _memory, _tree
+from . import _checks, _memory, _tree
+from ._influence_solvers import SOLVERS, WHERE, Problem, user_solver
 from ._types import Mode, PyTree
 from .fisher import per_sample_grads
 from .hessian import hessian_matrix, rows_over_basis
 from .hvp import hvp
-from .inverse import _check_damping, lissa, low_rank_inverse
-from .solvers import cg
+from .inverse import _check_damping
 
 __all__ = ["influence"]
 
 Solver = Literal["cg", "lissa", "low_rank", "dense", "kfac", "ekfac"]
-WHERE = "hessfunc.influence(loss, params, train, test)"
 
 
-class _Problem(NamedTuple):
-    """What a solver factory needs to know about the training problem."""
-
-    params: PyTree
-    matvec: Callable[[PyTree], PyTree]  # v -> C v, C the curvature of the mean training loss
-    batch_matvec: Callable[..., PyTree]  # (v, *batch) -> C_batch v, one minibatch's curvature
-    dense: Callable[[int | None, int | None], torch.Tensor]  # (chunk, max_bytes) -> (n, n) C
-    n: int
-    batches: Callable[[], list[tuple]]  # the training set in chunks of chunk_size samples
-
-
-class _Solve(NamedTuple):
-    """A built solver, applied to blocks of right-hand sides.
-
-    ``block(G)`` maps a pytree with leading axis ``k`` to ``(k, n)`` solutions and a dict of
-    0-d bool flags, each explained by ``_MESSAGES``.
-    """
-
-    block: Callable[[PyTree], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-
-
-_MESSAGES = {
+MESSAGES = {
     "negative_curvature": (
         "CG met a direction of non-positive curvature: H + damping*I is not positive definite "
         "(a non-convex model away from a minimum, or too little damping). CG stops moving "
@@ -97,7 +75,7 @@ _MESSAGES = {
         "are amplified by 1 / |eigenvalue + damping|."
     ),
 }
-_FIX = (
+FIX = (
     " Raise damping above the most negative eigenvalue of H (hessfunc.eigsh(..., which='SA')), "
     "or pass a positive semi-definite curvature (Gauss-Newton) through curvature=."
 )
@@ -140,194 +118,6 @@ def _spans(size: int, chunk: int | None) -> Iterator[tuple[int, int]]:
         yield start, min(start + step, size)
 
 
-def _map_rows(fn: Callable[[PyTree], Any], rows: PyTree, k: int) -> Any:
-    """``fn`` on each row of ``rows`` (leading axis ``k``).
-
-    Through ``vmap``, or one plain call for a single row (so eager solvers can stop early, which
-    ``vmap`` forbids).
-    """
-    if k > 1:
-        return vmap(fn)(rows)
-    out = fn(_tree.tree_map(lambda t: t[0], rows))
-    return _tree.tree_map(lambda t: t.unsqueeze(0), out)
-
-
-def _options(name: str, given: Mapping[str, Any], allowed: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(given) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"{WHERE}: unknown solver_options {unknown} for solver={name!r}; it accepts "
-            f"{sorted(allowed)}."
-        )
-    return {**allowed, **given}
-
-
-def _cg(problem: _Problem, damping: Any, given: Mapping[str, Any]) -> _Solve:
-    opts = _options("cg", given, {"maxiter": min(problem.n, 100), "tol": 1e-6})
-
-    def one(g: PyTree) -> Any:
-        return cg(problem.matvec, g, maxiter=opts["maxiter"], damping=damping, tol=opts["tol"])
-
-    def block(G: PyTree) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        k = _tree.tree_leaves(G)[0].shape[0]
-        res = _map_rows(one, G, k)
-        flags = {"negative_curvature": res.negative_curvature.any()}
-        if opts["tol"] is not None:
-            b_norm = torch.sqrt(_tree.row_vdot(G, G))
-            # 1% over the tolerance: the recurrence's residual, not a recomputed one
-            flags["unconverged"] = (res.residual_norm > 1.01 * opts["tol"] * b_norm).any()
-        return _tree.ravel_rows(res.x), flags
-
-    return _Solve(block)
-
-
-def _lissa(problem: _Problem, damping: Any, given: Mapping[str, Any]) -> _Solve:
-    opts = _options("lissa", given, {"scale": None, "num_iters": 1000, "batches": None})
-    if opts["scale"] is None:
-        raise ValueError(
-            f"{WHERE}: solver='lissa' needs solver_options={{'scale': s}} with s at least the "
-            "largest eigenvalue of the curvature plus damping (the series diverges below half "
-            "of it); estimate it with hessfunc.eigsh(lambda v: hessfunc.hvp(loss, params, v, "
-            "*train), v0, 1)."
-        )
-    if opts["batches"] is None:
-        steps, matvec = [()] * opts["num_iters"], (lambda v: problem.matvec(v))
-    else:
-        steps, matvec = opts["batches"], problem.batch_matvec
-        if iter(steps) is steps:
-            raise TypeError(
-                f"{WHERE}: solver_options['batches'] is an iterator, used up by the first block "
-                "of test samples; pass a re-iterable (a list of (x, y) minibatches, a DataLoader)."
-            )
-
-    def one(g: PyTree) -> Any:
-        return lissa(matvec, g, steps, damping=damping, scale=opts["scale"])
-
-    def block(G: PyTree) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        k = _tree.tree_leaves(G)[0].shape[0]
-        res = _map_rows(one, G, k)
-        return _tree.ravel_rows(res.x), {"diverged": res.diverged.any()}
-
-    return _Solve(block)
-
-
-def _default_start(like: PyTree) -> PyTree:
-    """A fixed Lanczos start vector with no structure in common with a curvature matrix.
-
-    A cosine at an irrational frequency over the raveled entries: it compiles and needs no RNG.
-    """
-    flat, unravel = _tree.ravel(like)
-    idx = torch.arange(flat.numel(), dtype=flat.dtype, device=flat.device)
-    return unravel(torch.cos(idx * 0.7548776662 + 0.5698402910))
-
-
-def _low_rank(problem: _Problem, damping: Any, given: Mapping[str, Any]) -> _Solve:
-    opts = _options("low_rank", given, {"rank": None, "num_iters": None, "v0": None})
-    if opts["rank"] is None:
-        raise ValueError(
-            f"{WHERE}: solver='low_rank' needs solver_options={{'rank': r}}: the number of top "
-            "eigenpairs kept (e.g. 20 to 200; the error is at most the (r+1)-th eigenvalue over "
-            "damping)."
-        )
-    if not isinstance(damping, torch.Tensor) and not damping > 0:
-        raise ValueError(
-            f"{WHERE}: solver='low_rank' needs damping > 0 (the space outside the kept "
-            f"eigenvectors is divided by it); got damping={damping!r}."
-        )
-    v0 = opts["v0"] if opts["v0"] is not None else _default_start(problem.params)
-    inv = low_rank_inverse(
-        problem.matvec, v0, opts["rank"], num_iters=opts["num_iters"], damping=damping
-    )
-    bad = (inv.eigenvalues + damping <= 0).any()
-
-    def block(G: PyTree) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        k = _tree.tree_leaves(G)[0].shape[0]
-        return _tree.ravel_rows(_map_rows(inv.solve, G, k)), {"not_positive_definite": bad}
-
-    return _Solve(block)
-
-
-def _dense(problem: _Problem, damping: Any, given: Mapping[str, Any]) -> _Solve:
-    opts = _options("dense", given, {"chunk_size": None, "max_bytes": None})
-    C = problem.dense(opts["chunk_size"], opts["max_bytes"])
-    evals, evecs = torch.linalg.eigh(0.5 * (C + C.T))
-    shifted = evals + damping
-    bad = (shifted <= 0).any()
-
-    def block(G: PyTree) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        rows = _tree.ravel_rows(G).to(evecs.dtype)
-        return ((rows @ evecs) / shifted) @ evecs.T, {"not_positive_definite": bad}
-
-    return _Solve(block)
-
-
-def _kron(kind: str) -> Callable[[_Problem, Any, Mapping[str, Any]], _Solve]:
-    """The factory of ``solver="kfac"`` or ``"ekfac"``.
-
-    The factors are built once over the training chunks and eigendecomposed once; each test
-    sample then costs one exact solve with them.
-    """
-
-    def factory(problem: _Problem, damping: Any, given: Mapping[str, Any]) -> _Solve:
-        opts = _options(kind, given, _influence_kron.DEFAULTS)
-        _influence_kron.check(WHERE, kind, opts, damping)
-        op = _influence_kron.build(WHERE, kind, problem.params, problem.batches(), opts)
-
-        def one(g: PyTree) -> PyTree:
-            return op.solve(g, damping)
-
-        def block(G: PyTree) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            k = _tree.tree_leaves(G)[0].shape[0]
-            return _tree.ravel_rows(_map_rows(one, G, k)), {}
-
-        return _Solve(block)
-
-    return factory
-
-
-def _user_solver(solver: Any, damping: Any) -> _Solve:
-    """A solver passed in: an object with ``.solve(b, damping)`` or a callable ``b -> x``.
-
-    Applied one row at a time unless a block size is given (it need not support ``vmap``).
-    """
-    if hasattr(solver, "solve") and callable(solver.solve):
-
-        def one(g: PyTree) -> PyTree:
-            return solver.solve(g, damping)
-
-    elif callable(solver):
-        if not isinstance(damping, torch.Tensor) and damping != 0:
-            raise ValueError(
-                f"{WHERE}: a callable solver b -> x applies its own damping, so damping must "
-                f"stay 0 (got {damping!r}); pass an object with .solve(b, damping) to let "
-                "influence set it."
-            )
-        one = solver
-    else:
-        raise TypeError(
-            f"{WHERE}: solver must be one of {sorted(_SOLVERS)}, an object with a "
-            "method .solve(b, damping) -> (C + damping I)^-1 b, or a callable b -> x; got "
-            f"{type(solver).__name__}."
-        )
-
-    def block(G: PyTree) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        k = _tree.tree_leaves(G)[0].shape[0]
-        return _tree.ravel_rows(_map_rows(one, G, k)), {}
-
-    return _Solve(block)
-
-
-# name -> factory(problem, damping, solver_options) -> _Solve. A new backend is one entry.
-_SOLVERS: dict[str, Callable[[_Problem, Any, Mapping[str, Any]], _Solve]] = {
-    "cg": _cg,
-    "lissa": _lissa,
-    "low_rank": _low_rank,
-    "dense": _dense,
-    "kfac": _kron("kfac"),
-    "ekfac": _kron("ekfac"),
-}
-
-
 def _problem(
     loss: Callable[..., torch.Tensor],
     params: PyTree,
@@ -336,7 +126,7 @@ def _problem(
     curvature: Any,
     chunk_size: int | None,
     mode: Mode,
-) -> _Problem:
+) -> Problem:
     if curvature == "hessian":
 
         def batch_matvec(v: PyTree, *batch: Any) -> PyTree:
@@ -391,7 +181,7 @@ def _problem(
     def batches() -> list[tuple]:
         return [_slice(train, start, stop) for start, stop in spans]
 
-    return _Problem(params, matvec, batch_matvec, dense, n, batches)
+    return Problem(params, matvec, batch_matvec, dense, n, batches)
 
 
 def influence(
@@ -558,9 +348,9 @@ def influence(
     problem = _problem(loss, params, train, num_train, curvature, chunk_size, mode)
 
     if isinstance(solver, str):
-        if solver not in _SOLVERS:
+        if solver not in SOLVERS:
             raise ValueError(
-                f"{WHERE}: unknown solver={solver!r}; expected one of {sorted(_SOLVERS)}, an "
+                f"{WHERE}: unknown solver={solver!r}; expected one of {sorted(SOLVERS)}, an "
                 "object with .solve(b, damping), or a callable b -> x."
             )
         if solver in ("kfac", "ekfac") and not (
@@ -571,7 +361,7 @@ def influence(
                 "curvature (of the loss that solver_options['loss_fn'] builds); drop curvature=, "
                 "or use solver='cg' or 'dense' with it."
             )
-        built = _SOLVERS[solver](problem, damping, dict(solver_options or {}))
+        built = SOLVERS[solver](problem, damping, dict(solver_options or {}))
         block_size = test_chunk_size
     else:
         if solver_options:
@@ -579,7 +369,7 @@ def influence(
                 f"{WHERE}: solver_options apply to the built-in solvers only; configure your "
                 "solver object itself."
             )
-        built = _user_solver(solver, damping)
+        built = user_solver(solver, damping)
         block_size = 1 if test_chunk_size is None else test_chunk_size
 
     # 1. one inverse product per test sample, a block at a time
@@ -606,6 +396,6 @@ def influence(
             raised.discard("unconverged")  # CG stopped because of it: one cause, one warning
         for name in flags:
             if name in raised:
-                fix = _FIX if name != "unconverged" else ""
-                warnings.warn(f"{WHERE}: {_MESSAGES[name]}{fix}", RuntimeWarning, stacklevel=2)
+                fix = FIX if name != "unconverged" else ""
+                warnings.warn(f"{WHERE}: {MESSAGES[name]}{fix}", RuntimeWarning, stacklevel=2)
     return scores
