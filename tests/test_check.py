@@ -1,4 +1,5 @@
-"""Checkers: pass on correct functions, fail with the right diagnosis on broken autograd.Functions."""
+"""Checkers: pass on correct functions, fail with the right diagnosis on broken
+autograd.Functions."""
 
 from __future__ import annotations
 
@@ -145,8 +146,8 @@ def test_non_differentiable_backward_passes_check_grad_fails_check_hvp():
         check_hvp(f, params, *args)
     msg = str(err.value)
     assert (
-        "the HVP disagrees with finite differences of the gradient while the gradient itself is right"
-        in msg
+        "the HVP disagrees with finite differences of the gradient while the gradient itself "
+        "is right" in msg
     )
     assert ".detach()" in msg
     report = check_hvp(f, params, *args, raise_on_fail=False)

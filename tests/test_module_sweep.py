@@ -78,12 +78,7 @@ FULL_ONLY = frozenset({"nn.LinearCrossEntropyLoss"})  # 857 module_db inputs, mi
 KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cases():

@@ -42,12 +42,7 @@ KNOWN_FAILURES: dict[tuple[str, str, str], str] = {
 ROUTED = sweep_ops.routed_ops()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cases():

@@ -25,14 +25,7 @@ def like(n: int) -> dict[str, torch.Tensor]:
     return {"w": torch.zeros(2, 50), "b": torch.zeros(n - 100)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # dense products with 1000 x 1000 matrices dominate this module; on a shared 2-core machine
-    # two intra-op threads fight other processes for the cores and run several times slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.cache

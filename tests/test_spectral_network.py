@@ -19,13 +19,7 @@ from torch import nn
 import hessfunc
 from hessfunc.losses import CrossEntropyLoss
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class CNN(nn.Module):

@@ -27,7 +27,10 @@ from hessfunc.testing import (
 
 
 def test_package_import_does_not_import_hypothesis_testing():
-    code = "import sys, hessfunc; print('hessfunc.testing' in sys.modules, 'hypothesis' in sys.modules)"
+    code = (
+        "import sys, hessfunc; "
+        "print('hessfunc.testing' in sys.modules, 'hypothesis' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
 
@@ -150,7 +153,8 @@ def test_module_docstring_example_runs():
     src = testing.__doc__.split("::", 1)[1]
     code = "\n".join(line[8:] for line in src.splitlines() if line.strip())
     net = "class MyNet(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
-    net += "        self.l = torch.nn.Linear(10, 3)\n    def forward(self, x):\n        return self.l(torch.tanh(x))\n"
+    net += "        self.l = torch.nn.Linear(10, 3)\n"
+    net += "    def forward(self, x):\n        return self.l(torch.tanh(x))\n"
     code = code.replace(
         "from hessfunc.testing import losses\n", "from hessfunc.testing import losses\n" + net
     )
