@@ -92,6 +92,31 @@ class SecondOrderMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+@torch.compiler.assume_constant_result
+def _dynamo_dispatches_routes() -> bool:
+    """Make dynamo hand the routed private functions to :class:`SecondOrderMode`, as eager does.
+
+    Dynamo dispatches a torch function mode only for functions in its overridable set, built
+    from ``torch.overrides.get_overridable_functions()``, which leaves out private functions.
+    Eagerly the mode sees ``torch._weight_norm``, ``torch._weight_norm_interface``,
+    ``torch._fused_rms_norm`` and ``torch._native_batch_norm_legit*``; while tracing, dynamo put
+    them into the graph unrouted, so a compiled Hessian product through a weight-normalised
+    layer was 30-75% wrong on torch 2.13 (their double backward is wrong upstream, see
+    ``_decomp``). ``assume_constant_result`` runs this body for real while dynamo traces, before
+    the mode is entered, and adds the routed functions to that set. Importing dynamo costs
+    about 2 s, which is why this happens only when compiling; the set is dynamo's own cache, and
+    eager dispatch already reaches every function added.
+    """
+    try:
+        from torch._dynamo.variables.torch import get_overridable_functions
+    except ImportError:  # a torch whose dynamo is organised differently: the zoo would tell
+        return False
+    ops = (torch._ops.OpOverload, torch._ops.OpOverloadPacket)
+    plain = [f for f in (*_decomp.ROUTES, *_UNSOUND) if callable(f) and not isinstance(f, ops)]
+    get_overridable_functions().update(plain)
+    return True
+
+
 @contextlib.contextmanager
 def second_order_kernels(forward: bool = False) -> Iterator[None]:
     """Run ``f`` with kernels that have right second derivatives.
@@ -115,6 +140,8 @@ def second_order_kernels(forward: bool = False) -> Iterator[None]:
     ``torch._transformer_encoder_layer_fwd``, which has no derivatives (forward AD raises, and in
     larger graphs the Hessian came out silently wrong on torch 2.13).
     """
+    if torch.compiler.is_compiling():
+        _dynamo_dispatches_routes()
     with attention_fastpath_off(), sdpa_kernel(SDPBackend.MATH), SecondOrderMode(forward):
         yield
 

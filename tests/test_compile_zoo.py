@@ -346,6 +346,8 @@ FAST = [
     ("mixture_of_experts", "hvp[fwd-rev]", torch.float32, 1),
     ("mixture_of_experts", "hessian_matrix[fwd-rev]", torch.float32, 2),
     ("gru", "hvp[rev-rev]", torch.float32, 1),
+    # weight normalisation's private kernel, which dynamo did not hand to the routing mode
+    ("weight_norm", "hvp[rev-rev]", torch.float32, 1),
     # the default influence route (per-sample gradients, a vmapped CG over the test samples)
     ("grouped_conv", "influence[cg]", torch.float32, 1),
     # Kronecker factors: grouped convolutions (the unfold with groups), and weights shared over

@@ -119,3 +119,18 @@ def test_a_batched_product_of_the_wrong_shape_is_an_error():
         _checks.check_batched(
             "hessfunc.hvps(f, params, vs, *args)", {"w": torch.ones(10, 4)}, like, 3
         )
+
+
+def test_dynamo_is_told_to_route_the_private_kernels():
+    """Dynamo dispatches torch function modes only for the functions in its overridable set,
+    which leaves out private ones (torch._weight_norm, ...); hessfunc adds every plain function
+    it routes or checks while compiling (the compiled case is in the compile zoo)."""
+    from torch._dynamo.variables.torch import get_overridable_functions
+
+    from hessfunc import _context, _decomp
+
+    assert _context._dynamo_dispatches_routes()
+    routed = get_overridable_functions()
+    for fn in (torch._weight_norm, torch._weight_norm_interface, torch._fused_rms_norm):
+        assert fn in _decomp.ROUTES and fn in routed
+    assert torch._native_batch_norm_legit in routed
