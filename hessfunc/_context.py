@@ -92,7 +92,6 @@ class SecondOrderMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-@torch.compiler.assume_constant_result
 def _dynamo_dispatches_routes() -> bool:
     """Make dynamo hand the routed private functions to :class:`SecondOrderMode`, as eager does.
 
@@ -102,10 +101,10 @@ def _dynamo_dispatches_routes() -> bool:
     ``torch._fused_rms_norm`` and ``torch._native_batch_norm_legit*``; while tracing, dynamo put
     them into the graph unrouted, so a compiled Hessian product through a weight-normalised
     layer was 30-75% wrong on torch 2.13 (their double backward is wrong upstream, see
-    ``_decomp``). ``assume_constant_result`` runs this body for real while dynamo traces, before
-    the mode is entered, and adds the routed functions to that set. Importing dynamo costs
-    about 2 s, which is why this happens only when compiling; the set is dynamo's own cache, and
-    eager dispatch already reaches every function added.
+    ``_decomp``). Marked as ``assume_constant_result``, this body runs for real while dynamo
+    traces, before the mode is entered, and adds the routed functions to that set. Importing
+    dynamo costs about 2 s, which is why this happens only when compiling; the set is dynamo's
+    own cache, and eager dispatch already reaches every function added.
     """
     try:
         from torch._dynamo.variables.torch import get_overridable_functions
@@ -115,6 +114,11 @@ def _dynamo_dispatches_routes() -> bool:
     plain = [f for f in (*_decomp.ROUTES, *_UNSOUND) if callable(f) and not isinstance(f, ops)]
     get_overridable_functions().update(plain)
     return True
+
+
+# What torch.compiler.assume_constant_result(fn) does, without the import of dynamo (about 2 s
+# at hessfunc's import) that the decorator performs first.
+_dynamo_dispatches_routes._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager

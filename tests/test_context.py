@@ -134,3 +134,12 @@ def test_dynamo_is_told_to_route_the_private_kernels():
     for fn in (torch._weight_norm, torch._weight_norm_interface, torch._fused_rms_norm):
         assert fn in _decomp.ROUTES and fn in routed
     assert torch._native_batch_norm_legit in routed
+
+
+def test_importing_hessfunc_does_not_import_dynamo():
+    import subprocess
+    import sys
+
+    code = "import sys, hessfunc; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False"]
