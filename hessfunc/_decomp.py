@@ -26,9 +26,10 @@ if a callable reaching one of these kernels is missing from the table. Internal 
 only the routed functions call (``_batch_norm_impl_index``, the cuDNN and MIOpen kernels) are
 reached only through routed callers and need no entry.
 
-One op outside the normalisation family is routed the same way for another reason:
+Three ops outside the normalisation family are routed the same way for other reasons:
 ``masked_select`` with a mask that broadcasts its input, whose backward vmap batches wrongly
-(see :func:`masked_select`).
+(see :func:`masked_select`), and ``dot`` / ``vdot``, whose compiled forward-mode derivative
+crashes (see :func:`dot`).
 """
 
 from __future__ import annotations
@@ -222,6 +223,22 @@ def masked_select(input, mask):
     return torch.masked_select(input.expand(shape), mask.expand(shape))
 
 
+def dot(input, tensor):
+    """``torch.dot`` as a product and a sum.
+
+    Inductor's code for the forward-mode derivative of ``dot`` / ``vdot`` crashes the process
+    (a segmentation fault on the first call, torch 2.13 CPU): ``torch.compile(lambda w, t:
+    jvp(lambda w: torch.dot(u, w), (w,), (t,)))`` is enough (``tests/test_upstream.py``). It
+    took down compiled ``ggn_vp`` on any model with ``spectral_norm``, whose parametrisation
+    computes ``vdot(u, mv(W, v))``. The elementwise form is the same number and compiles.
+    """
+    return (input * tensor).sum()
+
+
+def vdot(input, other):
+    return (input.conj() * other).sum()
+
+
 # ----------------------------------------------------------------------------- routing
 
 # aten operator name -> composite with the aten schema's argument order
@@ -240,6 +257,8 @@ _ATEN: dict[str, Callable[..., Any]] = {
     "_weight_norm": weight_norm,
     "_weight_norm_interface": weight_norm_interface,
     "masked_select": masked_select,
+    "dot": dot,
+    "vdot": vdot,
 }
 # torch.nn.functional wrappers, whose argument order differs from the aten schema
 _FUNCTIONAL: dict[Callable[..., Any], Callable[..., Any]] = {

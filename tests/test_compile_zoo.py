@@ -348,6 +348,8 @@ FAST = [
     ("gru", "hvp[rev-rev]", torch.float32, 1),
     # weight normalisation's private kernel, which dynamo did not hand to the routing mode
     ("weight_norm", "hvp[rev-rev]", torch.float32, 1),
+    # spectral_norm's vdot, whose compiled forward-mode derivative crashed the process
+    ("spectral_norm", "ggn_vp[fwd-rev]", torch.float32, 1),
     # the default influence route (per-sample gradients, a vmapped CG over the test samples)
     ("grouped_conv", "influence[cg]", torch.float32, 1),
     # Kronecker factors: grouped convolutions (the unfold with groups), and weights shared over

@@ -143,3 +143,16 @@ def test_importing_hessfunc_does_not_import_dynamo():
     code = "import sys, hessfunc; print('torch._dynamo' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False"]
+
+
+@pytest.mark.parametrize("mode", ["fwd-rev", "rev-rev"])
+def test_dot_and_vdot_are_exact_through_the_route(mode):
+    g = torch.Generator().manual_seed(4)
+    u, w0 = (
+        torch.randn(5, dtype=torch.float64, generator=g),
+        torch.randn(5, dtype=torch.float64, generator=g),
+    )
+    f = lambda w: torch.dot(u, w).pow(3) + w.vdot(w * u).sin()
+    H = torch.autograd.functional.hessian(f, w0)
+    v = torch.randn(5, dtype=torch.float64, generator=g)
+    assert_close(hessfunc.hvp(f, w0, v, mode=mode), H @ v)

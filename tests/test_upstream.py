@@ -78,3 +78,24 @@ def test_the_reproduction_is_right_without_the_miscompile():
     eager = forward_over_reverse(W, V, x)
     assert float((eager.double() - ref).norm() / ref.norm()) < 1e-5
     assert compiled_error(backend="aot_eager") < 1e-5
+
+
+_DOT_JVP = """
+import torch
+from torch.func import jvp
+u, w, t = torch.randn(8), torch.randn(8), torch.randn(8)
+out = torch.compile(lambda w, t: jvp(lambda w: torch.dot(u, w), (w,), (t,))[1])(w, t)
+print(float(out - torch.dot(u, t)))
+"""
+
+
+def test_compiled_forward_mode_dot_crashes_the_process():
+    """Inductor's forward-mode derivative of ``torch.dot`` segfaults on its first call (torch 2.13
+    CPU). hessfunc routes ``dot`` and ``vdot`` to a product and a sum during second-order
+    evaluations (``_decomp.dot``). When this fails, the crash is fixed: revisit that route."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _DOT_JVP], capture_output=True, text=True)
+    assert out.returncode != 0, f"fixed upstream (output {out.stdout.strip()}): revisit _decomp.dot"
+    assert "Segmentation fault" in out.stderr or out.returncode == -11, out.stderr[-500:]
