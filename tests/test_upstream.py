@@ -97,5 +97,10 @@ def test_compiled_forward_mode_dot_crashes_the_process():
     import sys
 
     out = subprocess.run([sys.executable, "-c", _DOT_JVP], capture_output=True, text=True)
-    assert out.returncode != 0, f"fixed upstream (output {out.stdout.strip()}): revisit _decomp.dot"
+    if out.returncode == 0:  # the crash may depend on the CPU's vector extensions too
+        assert abs(float(out.stdout.strip())) < 1e-5, out.stdout
+        pytest.skip(
+            f"torch {torch.__version__} no longer crashes here and gets it right: revisit "
+            "hessfunc._decomp.dot"
+        )
     assert "Segmentation fault" in out.stderr or out.returncode == -11, out.stderr[-500:]
