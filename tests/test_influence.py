@@ -529,7 +529,8 @@ COMPILED_OPTIONS = {
 
 def _compiled_influence_equals_eager(solver):
     """Compiled once with ``fullgraph=True``, then called on new data of the same shapes (a
-    recompile would fail: the compiled function is called under ``error_on_recompile``)."""
+    recompile would fail: the compiled function is called under ``error_on_recompile``).
+    Returns ``(compiled, eager)`` for each call."""
     torch._dynamo.reset()
     loss, params, _, _ = logistic(N=12, d=3, n_test=3)
 
@@ -538,6 +539,7 @@ def _compiled_influence_equals_eager(solver):
                                   solver_options=COMPILED_OPTIONS[solver])  # fmt: skip
 
     compiled = torch.compile(run, fullgraph=True)
+    pairs = []
     for seed in (3, 4):
         g = gen(seed)
         X, Xt = torch.randn(12, 3, generator=g), torch.randn(3, 3, generator=g)
@@ -548,20 +550,25 @@ def _compiled_influence_equals_eager(solver):
                 got = compiled(*args)
         else:
             got = compiled(*args)
-        torch.testing.assert_close(got, run(*args), rtol=1e-10, atol=1e-13)
+        pairs.append((got, run(*args)))
     torch._dynamo.reset()
+    return pairs
 
 
 @pytest.mark.compile
 def test_influence_with_the_dense_solver_compiles_to_one_graph_equal_to_eager():
-    _compiled_influence_equals_eager("dense")  # the cheapest to compile; CG is in the zoo
+    for got, eager in _compiled_influence_equals_eager(
+        "dense"
+    ):  # the cheapest to compile; CG is in the zoo
+        torch.testing.assert_close(got, eager, rtol=1e-10, atol=1e-13)
 
 
 @pytest.mark.compile
 @pytest.mark.full
 @pytest.mark.parametrize("solver", ["cg", "lissa", "low_rank"])
 def test_influence_with_every_solver_compiles_equal_to_eager(solver):
-    _compiled_influence_equals_eager(solver)
+    for got, eager in _compiled_influence_equals_eager(solver):
+        torch.testing.assert_close(got, eager, rtol=1e-10, atol=1e-13)
 
 
 # ----------------------------------------------------------------------------- K-FAC, EK-FAC

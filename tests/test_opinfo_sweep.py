@@ -157,12 +157,11 @@ def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def _pinned(fn, *params, products=("hvp", "hessian_matrix"), modes=MODES):
+def _pinned(fn, *params, products=("hvp", "hessian_matrix"), modes=MODES) -> dict:
+    """``(product, mode) -> description`` of every verdict that is not ``exact``: each pinned
+    case was once wrong or raised, and must now come out exact (routed or re-evaluated)."""
     verdicts = sweep.check_problem(_problem(fn, *params), products=products, modes=modes)
-    bad = {
-        pm: v.describe() for pm, v in verdicts.items() if v.state not in ("exact", "clear-error")
-    }
-    assert not bad, bad
+    return {pm: v.describe() for pm, v in verdicts.items() if v.state != "exact"}
 
 
 NORMS_CALLED_DIRECTLY = {
@@ -189,31 +188,36 @@ NORMS_CALLED_DIRECTLY = {
 @pytest.mark.parametrize("mode", MODES)
 def test_normalisation_called_directly(name, mode):
     fn, shape, channels = NORMS_CALLED_DIRECTLY[name]
-    _pinned(fn, _randn(*shape), _randn(channels, seed=1), _randn(channels, seed=2), modes=(mode,))
+    bad = _pinned(
+        fn, _randn(*shape), _randn(channels, seed=1), _randn(channels, seed=2), modes=(mode,)
+    )
+    assert not bad, bad
 
 
 def test_scatter_reduce_prod_rev_rev():
     index = torch.tensor([0, 1, 0, 1, 2])
     for include_self in (True, False):
-        _pinned(
+        bad = _pinned(
             lambda x, s: x.scatter_reduce(0, index, s, "prod", include_self=include_self),
             _randn(3),
             _randn(5, seed=1),
             products=("hvp", "hessian_matrix", "ggn_vp"),
             modes=("rev-rev",),
         )
+        assert not bad, bad
 
 
 @pytest.mark.parametrize("include_self", [True, False])
 def test_scatter_reduce_prod_fwd_rev(include_self):
     index = torch.tensor([0, 1, 0, 1, 2])
-    _pinned(
+    bad = _pinned(
         lambda x, s: x.scatter_reduce(0, index, s, "prod", include_self=include_self),
         _randn(3),
         _randn(5, seed=1),
         products=("hvp", "hessian_matrix", "ggn_vp"),
         modes=("fwd-rev",),
     )
+    assert not bad, bad
 
 
 def _factor(upper: bool) -> torch.Tensor:
@@ -230,40 +234,44 @@ def _cholesky_inverse(upper: bool):
 
 @pytest.mark.parametrize("upper", [True, False])
 def test_cholesky_inverse_rev_rev(upper):
-    _pinned(
+    bad = _pinned(
         _cholesky_inverse(upper),
         _factor(upper),
         products=("hvp", "ggn_vp"),
         modes=("rev-rev",),
     )
+    assert not bad, bad
 
 
 @pytest.mark.parametrize("upper", [True, False])
 def test_cholesky_inverse_fwd_rev(upper):
-    _pinned(
+    bad = _pinned(
         _cholesky_inverse(upper),
         _factor(upper),
         products=("hvp", "ggn_vp"),
         modes=("fwd-rev",),
     )
+    assert not bad, bad
 
 
 def test_logcumsumexp_fwd_rev_large_inputs():
-    _pinned(
+    bad = _pinned(
         lambda x: torch.logcumsumexp(x, 0),
         30 * _randn(12, seed=5),
         products=("hvp", "ggn_vp"),
         modes=("fwd-rev",),
     )
+    assert not bad, bad
 
 
 def test_logcumsumexp_rev_rev_hvp_large_inputs():
-    _pinned(
+    bad = _pinned(
         lambda x: torch.logcumsumexp(x, 0),
         30 * _randn(12, seed=5),
         products=("hvp",),
         modes=("rev-rev",),
     )
+    assert not bad, bad
 
 
 class _Cumulative(torch.nn.Module):
