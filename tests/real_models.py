@@ -344,7 +344,7 @@ def t5() -> RealCase:
     cfg = T5Config(
         vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2,
         num_heads=2, relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=PAD,
-        decoder_start_token_id=PAD, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+        decoder_start_token_id=PAD, feed_forward_proj="gated-gelu",
     )  # fmt: skip
     model = _built(T5ForConditionalGeneration, cfg)
     src, tgt = _ids((2, 6), seed=7), _ids((2, 5), seed=8)
@@ -353,9 +353,14 @@ def t5() -> RealCase:
         "t5", model, upcasts=True,
         inputs={"input_ids": src, "decoder_input_ids": dec_in, "use_cache": False},
         labels=tgt.reshape(-1),
-        kfac_covered=("encoder.block.0.layer.0.SelfAttention.q.weight", "lm_head.weight"),
+        kfac_covered=(
+            "encoder.block.0.layer.0.SelfAttention.q.weight",
+            "decoder.block.0.layer.1.EncDecAttention.q.weight",
+            "decoder.block.1.layer.2.DenseReluDense.wo.weight",
+        ),
+        # the head is tied to the shared embedding: one leaf, used as an embedding too
         kfac_uncovered=("shared.weight",),
-        note="encoder-decoder, LayerNorm and softmax upcasts",
+        note="encoder-decoder, tied head, LayerNorm and softmax upcasts",
     )  # fmt: skip
 
 
