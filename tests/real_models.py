@@ -94,7 +94,8 @@ class RealCase:
     # whether the model casts to float32 on the differentiated path (model_fn then runs it
     # under KeepFloat64; raw_fn never does)
     upcasts: bool = False
-    # parameter names that K-FAC must cover, and names it must report as uncovered
+    # parameter names that K-FAC must cover, and names it must report as uncovered; besides,
+    # every parameter of an nn.Linear or nn.Conv*d module not named uncovered must be covered
     kfac_covered: tuple[str, ...] = ()
     kfac_uncovered: tuple[str, ...] = ()
     note: str = ""
@@ -397,7 +398,14 @@ def mamba() -> RealCase:
         kfac_covered=tuple(
             f"backbone.layers.0.mixer.{n}.weight" for n in ("in_proj", "x_proj", "out_proj")
         ),
-        kfac_uncovered=("backbone.embeddings.weight", "backbone.layers.0.mixer.A_log"),
+        # dt_proj is applied as a matrix product and the depthwise convolution's weight is
+        # reshaped before use: not linear layers as K-FAC finds them
+        kfac_uncovered=("backbone.embeddings.weight", "backbone.layers.0.mixer.A_log")
+        + tuple(
+            f"backbone.layers.{i}.mixer.{n}"
+            for i in (0, 1)
+            for n in ("dt_proj.weight", "dt_proj.bias", "conv1d.weight")
+        ),
         note="selective scan, A_log.float()",
     )  # fmt: skip
 
