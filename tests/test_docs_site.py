@@ -156,4 +156,5 @@ def test_gallery_notebook_with_plots(browser, server):
     assert images, "the executed notebook shows no plot"
     assert all(ok for _, ok in images), images
     assert v.page.locator("article .cell_output").count() > 0  # executed outputs
+    v.page.locator("article img").first.scroll_into_view_if_needed()  # the shot shows a plot
     v.finish()
