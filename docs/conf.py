@@ -19,6 +19,7 @@ from pathlib import Path
 DOCS = Path(__file__).resolve().parent
 ROOT = DOCS.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(DOCS / "_ext"))
 # the notebooks' kernels are other processes: they import this checkout's hessfunc too
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
@@ -36,6 +37,7 @@ extensions = [
     "sphinx.ext.napoleon",  # Google-style docstrings
     "sphinx.ext.mathjax",
     "sphinx-mathjax-offline",  # ships MathJax into _static: math renders with no network
+    "nb_gallery",  # docs/_ext/nb_gallery.py: the gallery's cards
 ]
 
 # -- sources ----------------------------------------------------------------------------------
@@ -90,7 +92,8 @@ nitpick_ignore_regex = [
 # -- HTML -------------------------------------------------------------------------------------
 html_theme = "furo"
 html_title = f"hessfunc {release}"
-html_static_path: list[str] = []
+html_static_path = ["_static"]
+html_css_files = ["gallery.css"]
 html_show_sourcelink = False
 
 

@@ -158,3 +158,14 @@ def test_gallery_notebook_with_plots(browser, server):
     assert v.page.locator("article .cell_output").count() > 0  # executed outputs
     v.page.locator("article img").first.scroll_into_view_if_needed()  # the shot shows a plot
     v.finish()
+
+
+def test_gallery_index_shows_a_card_per_notebook(browser, server):
+    v = Visit(browser, server, "gallery/index.html", "gallery_index")
+    notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    assert v.page.locator(".nb-card").count() == len(notebooks)
+    images = v.page.eval_on_selector_all(
+        ".nb-card img", "els => els.map(e => e.complete && e.naturalWidth > 0)"
+    )
+    assert images and all(images)
+    v.finish()
