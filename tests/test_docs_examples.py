@@ -1,4 +1,4 @@
-"""Every ```python block of the guides (docs/guides/*.md) and of README.md runs.
+"""Every ```python block of the documentation's pages (docs/**/*.md) and of README.md runs.
 
 The blocks of one page run in order in one namespace, as a reader would paste them into one
 session, so a later block may use what an earlier one defined. A page with no ```python block
@@ -13,7 +13,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).parent.parent
-PAGES = sorted((ROOT / "docs" / "guides").glob("*.md")) + [ROOT / "README.md"]
+PAGES = sorted(
+    p for p in (ROOT / "docs").rglob("*.md") if not {"_build", "notebooks"} & set(p.parts)
+) + [ROOT / "README.md"]
 BLOCK = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
 
 
