@@ -105,7 +105,6 @@ html_show_sourcelink = False
 # a target that does not exist at all stays a broken reference, so -n still fails on typos.
 import importlib  # noqa: E402
 
-from docutils import nodes  # noqa: E402
 from sphinx.addnodes import pending_xref  # noqa: E402
 
 _PUBLIC_MODULES = ("hessfunc",) + tuple(
@@ -148,8 +147,13 @@ def _resolve_to_public(app, env, node: pending_xref, contnode):
         return None
     objtype = env.get_domain("py").objects[public].objtype
     return env.get_domain("py").resolve_xref(
-        env, node["refdoc"], app.builder, objtype if objtype != "module" else "mod", public,
-        node, contnode,
+        env,
+        node["refdoc"],
+        app.builder,
+        objtype if objtype != "module" else "mod",
+        public,
+        node,
+        contnode,
     )
 
 
@@ -161,5 +165,6 @@ def _quiet_if_not_public(app, domain, node) -> bool | None:
 
 
 def setup(app):
+    """Send references to public names, and quiet those to non-public objects."""
     app.connect("missing-reference", _resolve_to_public)
     app.connect("warn-missing-reference", _quiet_if_not_public)

@@ -19,24 +19,37 @@ import hessfunc
 PACKAGE = Path(hessfunc.__file__).parent
 
 LAYERS = {
-    "base": ["_tree", "_types", "_checks", "_context", "_decomp", "_memory", "_unwrap",
-             "_progress", "_operator"],
+    "base": [
+        "_tree",
+        "_types",
+        "_checks",
+        "_context",
+        "_decomp",
+        "_memory",
+        "_unwrap",
+        "_progress",
+        "_operator",
+    ],
     "products": ["hvp", "hessian", "ggn", "fisher", "fd", "module", "losses"],
     "linalg": ["solvers", "inverse", "lanczos", "estimators", "slq", "blocks", "linop"],
     "kron": ["_kron", "_layers", "kfac", "ekfac"],
     "checking": ["check", "check_compiled", "testing"],
-    "top": ["influence", "_influence_solvers", "_influence_kron", "data", "_passes",
-            "distributed"],
+    "top": ["influence", "_influence_solvers", "_influence_kron", "data", "_passes", "distributed"],
 }
 HEIGHT = {"base": 0, "products": 1, "linalg": 1, "kron": 2, "checking": 2, "top": 3}
 # Sub-packages by concern (when the modules are grouped so) belong to the layer of that name.
-PACKAGES = {"_base": "base", "products": "products", "linalg": "linalg", "kron": "kron",
-            "checking": "checking", "influence": "top"}
+PACKAGES = {
+    "_base": "base",
+    "products": "products",
+    "linalg": "linalg",
+    "kron": "kron",
+    "checking": "checking",
+    "influence": "top",
+}
 LAYER_OF = {leaf: layer for layer, leaves in LAYERS.items() for leaf in leaves}
 
 # torch.func transforms that differentiate (vmap and functional_call do not).
-AD_TRANSFORMS = {"grad", "grad_and_value", "vjp", "jvp", "jacrev", "jacfwd", "hessian",
-                 "linearize"}
+AD_TRANSFORMS = {"grad", "grad_and_value", "vjp", "jvp", "jacrev", "jacfwd", "hessian", "linearize"}
 
 # Known exceptions, each with its reason. newton_cg_step (a Newton step: it differentiates f)
 # lives beside cg in solvers, and takes the Hessian product from hvp by default.
@@ -130,7 +143,7 @@ def test_no_import_cycles():
         stack.append(node)
         for nxt in sorted(edges.get(node, ())):
             if nxt in on_stack:
-                cycle = stack[stack.index(nxt):]
+                cycle = stack[stack.index(nxt) :]
                 if frozenset(short(c) for c in cycle) not in CYCLES_ALLOWED:
                     cycles.append(cycle + [nxt])
             elif nxt not in done:

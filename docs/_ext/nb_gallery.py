@@ -8,16 +8,18 @@ from docutils import nodes
 from sphinx.util.docutils import SphinxDirective
 
 
-
 class _gallery(nodes.General, nodes.Element):
     pass
 
 
 class NotebookGallery(SphinxDirective):
-    """``{notebook-gallery}``: cards for every page under gallery/notebooks/, filled in once
-    every notebook has been executed and read."""
+    """``{notebook-gallery}``: cards for every page under gallery/notebooks/.
+
+    The cards are filled in once every notebook has been executed and read.
+    """
 
     def run(self):
+        """A placeholder, replaced when the page is resolved."""
         return [_gallery()]
 
 
@@ -32,14 +34,19 @@ def _fill_gallery(app, doctree, docname):
             plot = next(iter(env.get_doctree(doc).findall(nodes.image)), None)
             if plot is not None:
                 link = nodes.reference("", "", refuri=uri, internal=True)
-                link += nodes.image(uri=plot["uri"], alt=title, candidates=plot.get("candidates", {}))
+                link += nodes.image(
+                    uri=plot["uri"], alt=title, candidates=plot.get("candidates", {})
+                )
                 card += nodes.paragraph("", "", link)
-            card += nodes.paragraph("", "", nodes.reference(title, title, refuri=uri, internal=True))
+            card += nodes.paragraph(
+                "", "", nodes.reference(title, title, refuri=uri, internal=True)
+            )
             grid += card
         placeholder.replace_self(grid)
 
 
 def setup(app):
+    """Register the directive and the step that fills it in."""
     app.add_node(_gallery)
     app.add_directive("notebook-gallery", NotebookGallery)
     app.connect("doctree-resolved", _fill_gallery)
