@@ -4,6 +4,11 @@ Build (warnings are errors, broken cross-references included)::
 
     python -m sphinx -W --keep-going -n -b html docs docs/_build/html
 
+Sphinx rather than MkDocs: autodoc and napoleon read the Google-style docstrings as they are,
+``:math:`` roles included, with ``-n`` checking every cross-reference; MyST-NB executes and
+renders the notebooks inside the same build; and its search index and the MathJax copy of
+``sphinx-mathjax-offline`` work from a plain file server with no network.
+
 The site needs no network, neither to build nor to read: MathJax comes from the
 ``sphinx-mathjax-offline`` package, search is Sphinx's own index, and the notebooks are executed
 here, at build time.
