@@ -381,33 +381,53 @@ def power_iteration(
     eager_stop = tol is not None and not torch.compiler.is_compiling()
     found: list[torch.Tensor] = []
     thetas, residuals, counts = [], [], []
+    # A deflated product below this fraction of the operator's scale is rounding: the operator
+    # restricted to the complement of the pairs found is null (k above the rank, or a null
+    # operator), and normalising that rounding would return a copy of an earlier pair or nan.
+    eps = torch.finfo(start.dtype).eps
+    null_tol = eps**0.75 * op.n**0.5
+    scale = start.new_zeros(())  # the largest |A v| seen: the operator's scale
 
     def deflate(x: torch.Tensor) -> torch.Tensor:
         for u in found:
             x = x - (u @ x) * u
         return x
 
-    for _ in range(k):
-        v = deflate(start)
-        v = v / torch.linalg.vector_norm(v)
+    def unit(x: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+        """``x`` normalised, or ``fallback`` where ``x`` is (about) zero; no host sync."""
+        norm = torch.linalg.vector_norm(x)
+        small = norm <= eps * op.n * torch.linalg.vector_norm(start)
+        return torch.where(small, fallback, x / torch.where(small, torch.ones_like(norm), norm))
+
+    for i in range(k):
+        # a start vector inside the span of the pairs found is replaced by a fixed one
+        # orthogonal to them (the restart vector Lanczos uses), never divided by zero
+        spare = deflate(deflate(_fallback(start[None], i)[0]))
+        v = unit(deflate(start), spare / torch.linalg.vector_norm(spare))
         vec, theta = v, v.new_zeros(())
         residual = v.new_full((), float("inf"))
         active = torch.ones((), dtype=torch.bool, device=v.device)
         count = torch.zeros((), dtype=torch.int64, device=v.device)
         for _ in range(num_iters):
             w = op.apply(v[None])[0]
-            t = v @ w
+            scale = torch.maximum(scale, torch.linalg.vector_norm(w))
+            d = deflate(w)
+            dn = torch.linalg.vector_norm(d)
+            null = dn <= null_tol * scale
+            t = torch.where(null, torch.zeros_like(dn), v @ w)
             r = torch.linalg.vector_norm(w - t * v)  # v is a unit vector: the true residual
             vec = torch.where(active, v, vec)
             theta = torch.where(active, t, theta)
             residual = torch.where(active, r, residual)
             count = count + active.to(count.dtype)
+            # on a null deflated operator the pair is final: eigenvalue 0, v orthogonal to the
+            # earlier vectors (and to every direction A maps anywhere)
+            active = active & ~null
             if tol is not None:
                 active = active & (r > tol * t.abs())
             if eager_stop and not bool(active):
                 break
-            w = deflate(w)
-            v = w / torch.linalg.vector_norm(w)
+            v = torch.where(null, v, d / torch.where(null, torch.ones_like(dn), dn))
         found.append(vec)
         thetas.append(theta)
         residuals.append(residual)
