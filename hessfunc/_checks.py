@@ -217,8 +217,8 @@ def check_paths(where: str, expected: Sequence[str], tree: Any, name: str, like:
         raise ValueError(
             f"{where}: {name} holds the leaves of {like} in another order: "
             f"{' '.join(got)} where {like} has {' '.join(want)}. hessfunc matches leaves by name and refuses a reordered tree (it "
-            f"would be read by position). Build {name} in {like}'s order, e.g. with "
-            f"torch.func's tree_map over {like}, or a dict built by iterating over {like}'s keys."
+            f"would be read by position). Build {name} in the order of {like}, e.g. with "
+            f"torch.func's tree_map over {like}, or a dict built by iterating over its keys."
         )
     missing = [p for p in want if p not in got]
     extra = [p for p in got if p not in want]
@@ -277,4 +277,6 @@ def check_damping(where: str, damping: Any, *, positive: bool = False) -> None:
             "eigenvalues or larger (e.g. 1e-3 to 1e-1 times the largest eigenvalue)."
         )
     if not damping >= 0:
-        raise ValueError(f"{where}: damping must be >= 0, got {damping!r}.")
+        raise ValueError(
+            f"{where}: damping must be >= 0 (damping must be non-negative), got {damping!r}."
+        )
