@@ -216,7 +216,8 @@ def check_paths(where: str, expected: Sequence[str], tree: Any, name: str, like:
     if sorted(got) == sorted(want):
         raise ValueError(
             f"{where}: {name} holds the leaves of {like} in another order: "
-            f"{' '.join(got)} where {like} has {' '.join(want)}. hessfunc matches leaves by name and refuses a reordered tree (it "
+            f"{' '.join(got)} where {like} has {' '.join(want)}. hessfunc matches leaves by "
+            "name and refuses a reordered tree (it "
             f"would be read by position). Build {name} in the order of {like}, e.g. with "
             f"torch.func's tree_map over {like}, or a dict built by iterating over its keys."
         )

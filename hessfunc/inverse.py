@@ -239,9 +239,7 @@ class LowRankInverse(NamedTuple):
         where = "hessfunc.LowRankInverse.solve(b)"
         # b is matched to the eigenvectors by name, then by shape and dtype: a reordered dict
         # of leaves of the same shapes would otherwise be projected by position
-        _checks.check_tree(
-            where, _tree.tree_map(lambda u: u[0], self.eigenvectors), b, "b", "v0"
-        )
+        _checks.check_tree(where, _tree.tree_map(lambda u: u[0], self.eigenvectors), b, "b", "v0")
         u_leaves = _tree.tree_leaves(self.eigenvectors)
         b_leaves = _tree.tree_leaves(b)
         rank = self.eigenvalues.shape[0]

@@ -312,15 +312,21 @@ def _add(where: str, a: Any, b: Any) -> Any:
         names_b = [x.names for x in b.layout.blocks]
         if names_a == names_b and layout_a.paths == b.layout.paths:
             # same names: say what differs (shapes), not two identical lists of names
-            diff = [
-                f"{path}: {sa} vs {sb}"
-                for path, sa, sb in zip(layout_a.paths, layout_a.shapes, b.layout.shapes)
-                if sa != sb
-            ] or [
-                f"{'+'.join(x.names)}: {x} vs {y}"
-                for x, y in zip(layout_a.blocks, b.layout.blocks, strict=True)
-                if x != y
-            ] or [f"uncovered {layout_a.uncovered_paths} vs {b.layout.uncovered_paths}"]
+            diff = (
+                [
+                    f"{path}: {sa} vs {sb}"
+                    for path, sa, sb in zip(
+                        layout_a.paths, layout_a.shapes, b.layout.shapes, strict=True
+                    )
+                    if sa != sb
+                ]
+                or [
+                    f"{'+'.join(x.names)}: {x} vs {y}"
+                    for x, y in zip(layout_a.blocks, b.layout.blocks, strict=True)
+                    if x != y
+                ]
+                or [f"uncovered {layout_a.uncovered_paths} vs {b.layout.uncovered_paths}"]
+            )
             raise ValueError(
                 f"{where}: the two results have the same blocks but different layouts "
                 f"({'; '.join(diff)}); build both with the same model_fn, params (shapes) and "
