@@ -170,6 +170,32 @@ def lanczos_rows(
     return a, b, Q, AQ
 
 
+def check_finite(where: str, alphas: torch.Tensor, betas: torch.Tensor) -> None:
+    """Name a non-finite product before the small eigenproblem fails on it (eager only).
+
+    A ``nan`` or ``inf`` from ``matvec`` spreads into every later Lanczos coefficient, and
+    ``torch.linalg.eigh`` then reports an ill-conditioned matrix instead of the cause. One
+    host synchronisation per call; skipped under torch.compile (the result is then ``nan``).
+    """
+    if torch.compiler.is_compiling():
+        return
+    bad = ~torch.isfinite(alphas)
+    if bool(bad.any()):
+        step = int(bad.any(0).nonzero()[0, 0])
+        raise FloatingPointError(
+            f"{where}: matvec returned a non-finite value (nan or inf) at Lanczos step {step} "
+            "(products before it were finite). Check the operator at that point: a loss that "
+            "overflows, a log of zero, a division by a zero count; run it with "
+            "torch.autograd.set_detect_anomaly(True) or check the product with "
+            "torch.isfinite on a few random vectors."
+        )
+    if not bool(torch.isfinite(betas).all()):
+        raise FloatingPointError(
+            f"{where}: the Lanczos recurrence produced a non-finite value; matvec's products "
+            "are finite but overflow when combined. Scale the operator down."
+        )
+
+
 def _check_iters(where: str, num_iters: int, n: int) -> None:
     _operator.check_int(where, "num_iters", num_iters)
     if num_iters > n:
@@ -311,6 +337,7 @@ def eigsh(
     a, b, Q, AQ = lanczos_rows(
         op.apply, start[None], num_iters, reorthogonalize=reorthogonalize, keep_images=True
     )
+    check_finite(where, a, b)
     theta, S = torch.linalg.eigh(_tridiagonal(a[0], b[0]))
     idx = _select(theta, k, which)
     theta, S = theta[idx], S[:, idx]

@@ -25,7 +25,7 @@ import torch
 from . import _checks, _operator
 from ._types import PyTree
 from .estimators import TraceEstimate
-from .lanczos import _check_iters, _tridiagonal, lanczos_rows
+from .lanczos import _check_iters, _tridiagonal, check_finite, lanczos_rows
 
 __all__ = ["SLQResult", "logdet", "slq", "spectral_density"]
 
@@ -119,6 +119,7 @@ def _slq(
     a, b, _, _ = lanczos_rows(
         op.apply, V, num_iters, reorthogonalize=reorthogonalize, keep_basis=False
     )
+    check_finite(where, a, b)
     nodes, S = torch.linalg.eigh(_tridiagonal(a, b))
     weights = S[:, 0, :] ** 2
     return SLQResult(nodes, weights, (V * V).sum(1))
