@@ -476,3 +476,28 @@ def test_sound_inputs_next_to_the_refused_ones_still_work():
         back = hessfunc.ravel(k.matvec(x))[0] + 1e-3 * hessfunc.ravel(x)[0]
         torch.testing.assert_close(back, hessfunc.ravel(vec())[0])
     assert k.add(k).options == k.options
+
+
+SMALL_TREE = {"a": torch.zeros(2, dtype=D), "b": torch.zeros(2, dtype=D)}
+SMALL_PROBES = hessfunc.random_probes(SMALL_TREE, 2, generator=torch.Generator().manual_seed(0))
+
+
+def _small_mv(v):
+    M = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=D))
+    return hessfunc.ravel(SMALL_TREE)[1](M @ hessfunc.ravel(v)[0])
+
+
+def test_the_by_name_rule_holds_under_compile():
+    # the paths are compared while dynamo traces: a reordered product is refused there too
+    fn = torch.compile(
+        lambda p: hessfunc.hutchinson_trace(lambda v: reordered(_small_mv(v)), p).estimate,
+        fullgraph=True,
+    )
+    with pytest.raises(Exception, match=r"another order"):
+        fn(SMALL_PROBES)
+
+
+@pytest.mark.full
+def test_a_good_product_compiles_to_the_eager_result():
+    ok = torch.compile(lambda p: hessfunc.hutchinson_trace(_small_mv, p).estimate, fullgraph=True)
+    torch.testing.assert_close(ok(SMALL_PROBES), torch.tensor(10.0, dtype=D))
