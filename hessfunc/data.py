@@ -235,6 +235,9 @@ def linear_operator(
     Args:
         product: ``product(v, *batch) -> pytree like v``, linear in ``v``.
         batches: a *re-iterable* (a ``DataLoader``, a list), since every product is a pass.
+            Every pass must yield as many batches as the first (a stream read once, which is
+            empty on the second pass, raises ``ValueError``); an empty first pass is refused
+            unless ``reduce`` is given (a process without a shard).
         count: ``count(*batch)`` for the mean (see :func:`mean_over`); ``None`` for the sum.
         reduce: e.g. :class:`hessfunc.distributed.AllReduce`: one collective per product.
         batched: ``batched(vs, *batch)``: the product with ``k`` stacked directions, used by

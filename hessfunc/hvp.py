@@ -183,6 +183,13 @@ def hessian_operator(
     other product). The result is a product on one vector or, through ``.matmat``, on a batch
     (every leaf with a leading axis), which the estimators call without their own ``vmap``.
 
+    The graph is tied to the tensors it was built on: after an in-place change of
+    ``params`` (an ``optimizer.step()`` on the module behind :func:`hessfunc.from_module`,
+    whose parameters share storage) or of a tensor in ``args``, a product would mix the old
+    point with the new one. Every product first compares the tensors' version counters with
+    those recorded at build time and raises ``RuntimeError`` (rebuild the operator) if one
+    moved. The comparison runs in eager code; under ``torch.compile`` it is skipped.
+
     Args:
         f: ``f(params, *args) -> scalar tensor``.
         params: a pytree of floating tensors (the point; fixed for the operator's life).

@@ -373,6 +373,13 @@ def power_iteration(
     compiled code keeps running its fixed ``num_iters`` steps with the pair frozen (no host
     sync, one graph), so both return the same result.
 
+    Past the operator's rank (``k`` above the number of non-zero eigenvalues, or a null
+    operator) the deflated product is rounding, about :math:`\epsilon^{3/4}\sqrt n` of the
+    operator's scale or less: the pair is then returned as eigenvalue 0 with a unit vector
+    orthogonal to the earlier ones (residual :math:`\|Av\|`), never a copy of an earlier pair
+    or ``nan``. A start vector inside the span of the pairs already found is replaced by a fixed
+    vector orthogonal to them.
+
     Args:
         matvec: ``v -> A v`` for ``v`` a pytree like ``v0``; ``A`` symmetric.
         v0: the start vector, a pytree of floating tensors (random; non-zero).
