@@ -160,7 +160,7 @@ class DatasetOperator:
     reduce: Reduce | None = None
     batched: Callable[..., PyTree] | None = None
     progress: bool | None = None
-    first_pass: dict[str, int] = field(default_factory=dict, repr=False)
+    first_pass: dict[str, int] = field(default_factory=dict, init=False, repr=False)
     """Batches seen by the first pass (``{"batches": n}`` once one ran): later passes must match."""
 
     def _over(self, method: str, fn: Callable[..., PyTree], like: PyTree) -> PyTree:
