@@ -501,3 +501,14 @@ def test_the_by_name_rule_holds_under_compile():
 def test_a_good_product_compiles_to_the_eager_result():
     ok = torch.compile(lambda p: hessfunc.hutchinson_trace(_small_mv, p).estimate, fullgraph=True)
     torch.testing.assert_close(ok(SMALL_PROBES), torch.tensor(10.0, dtype=D))
+
+
+def test_hvp_refuses_a_reordered_direction_under_compile():
+    # check_like compares only leaf counts under compile (pytorch#190649); the names still count
+    fn = torch.compile(lambda v: hessfunc.hvp(lambda p: _sq(p), SMALL_TREE, v), fullgraph=True)
+    with pytest.raises(Exception, match=r"another order"):
+        fn(reordered(SMALL_TREE))
+
+
+def _sq(p):
+    return sum((t**2).sum() for t in p.values())
