@@ -73,12 +73,15 @@ def check_like(where: str, params: Any, v: Any, name: str = "v", *, batched: boo
     Under torch.compile the tree specs are not compared: before pytorch#190649 (torch 2.11, for
     one) dynamo's stand-in for optree's ``PyTreeSpec`` is a dataclass whose generated ``==``
     compares every field exactly and is false for the specs of two equal trees, so an exact
-    comparison rejected every compiled call. The leaf count, shapes, dtypes and devices are
-    still checked there, and the exact check runs in every eager call.
+    comparison rejected every compiled call. The leaf count, the leaves' paths (names, so a
+    reordered dict is refused), shapes, dtypes and devices are still checked there, and the
+    exact check runs in every eager call.
     """
     p_leaves, v_leaves = _tree.tree_leaves(params), _tree.tree_leaves(v)
     if torch.compiler.is_compiling():
         same = len(p_leaves) == len(v_leaves)
+        if same:  # the names are plain Python over the structure: compared while tracing
+            check_paths(where, _tree.tree_paths(params), v, name, "params")
     else:
         same = _tree.tree_structure(params) == _tree.tree_structure(v)
     if not same:

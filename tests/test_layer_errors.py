@@ -503,9 +503,17 @@ def test_a_good_product_compiles_to_the_eager_result():
     torch.testing.assert_close(ok(SMALL_PROBES), torch.tensor(10.0, dtype=D))
 
 
-def test_hvp_refuses_a_reordered_direction_under_compile():
-    # check_like compares only leaf counts under compile (pytorch#190649); the names still count
-    fn = torch.compile(lambda v: hessfunc.hvp(lambda p: _sq(p), SMALL_TREE, v), fullgraph=True)
+@pytest.mark.parametrize("name", ["hvp", "ggn_vp"])
+def test_products_refuse_a_reordered_direction_under_compile(name):
+    # check_like compares leaf counts, not specs, under compile (pytorch#190649); it compares
+    # the names there, so no product multiplies a reordered direction by position
+    calls = {
+        "hvp": lambda v: hessfunc.hvp(lambda p: _sq(p), SMALL_TREE, v),
+        "ggn_vp": lambda v: hessfunc.ggn_vp(
+            lambda p: torch.cat([p["a"], p["b"]]), MSELoss(torch.zeros(4, dtype=D)), SMALL_TREE, v
+        ),
+    }
+    fn = torch.compile(calls[name], fullgraph=True)
     with pytest.raises(Exception, match=r"another order"):
         fn(reordered(SMALL_TREE))
 
