@@ -73,12 +73,15 @@ def check_like(where: str, params: Any, v: Any, name: str = "v", *, batched: boo
     Under torch.compile the tree specs are not compared: before pytorch#190649 (torch 2.11, for
     one) dynamo's stand-in for optree's ``PyTreeSpec`` is a dataclass whose generated ``==``
     compares every field exactly and is false for the specs of two equal trees, so an exact
-    comparison rejected every compiled call. The leaf count, shapes, dtypes and devices are
-    still checked there, and the exact check runs in every eager call.
+    comparison rejected every compiled call. The leaf count, the leaves' paths (names, so a
+    reordered dict is refused), shapes, dtypes and devices are still checked there, and the
+    exact check runs in every eager call.
     """
     p_leaves, v_leaves = _tree.tree_leaves(params), _tree.tree_leaves(v)
     if torch.compiler.is_compiling():
         same = len(p_leaves) == len(v_leaves)
+        if same:  # the names are plain Python over the structure: compared while tracing
+            check_paths(where, _tree.tree_paths(params), v, name, "params")
     else:
         same = _tree.tree_structure(params) == _tree.tree_structure(v)
     if not same:
@@ -192,3 +195,92 @@ def check_batched(where: str, out: PyTree, like: PyTree, k: int) -> PyTree:
                 "loop, or try the other mode and confirm it with hessfunc.check_hvp."
             )
     return out
+
+
+# ----------------------------------------------------------------------------- by name
+
+
+def check_paths(where: str, expected: Sequence[str], tree: Any, name: str, like: str) -> None:
+    """The leaves of ``tree`` have the paths ``expected``, in that order: matched by name.
+
+    hessfunc's flat vectors keep dicts in insertion order (``_tree``), so a dict holding the
+    right leaves under the right keys in another order would ravel to a permuted vector, and a
+    check of sizes alone passes it (two layers of equal shapes, or a transposed leaf of equal
+    size). Comparing the paths catches both. They are compared in eager code and while
+    torch.compile traces (``tree_paths`` is plain Python over the structure), so a compiled
+    call pays nothing at run time. A reordered tree is refused rather than reordered: one rule
+    for every function, and a matvec that builds its output in another order is usually a
+    matvec that puts a product under the wrong name somewhere else too.
+    """
+    got = _tree.tree_paths(tree)
+    want = list(expected)
+    if got == want:
+        return
+    if sorted(got) == sorted(want):
+        raise ValueError(
+            f"{where}: {name} holds the leaves of {like} in another order: "
+            f"{' '.join(got)} where {like} has {' '.join(want)}. hessfunc matches leaves by "
+            "name and refuses a reordered tree (it "
+            f"would be read by position). Build {name} in the order of {like}, e.g. with "
+            f"torch.func's tree_map over {like}, or a dict built by iterating over its keys."
+        )
+    missing = [p for p in want if p not in got]
+    extra = [p for p in got if p not in want]
+    raise ValueError(
+        f"{where}: {name} must have the leaves of {like}, matched by name; "
+        f"{'missing ' + ', '.join(missing) if missing else ''}"
+        f"{'; ' if missing and extra else ''}"
+        f"{'unexpected ' + ', '.join(extra) if extra else ''} (got {' '.join(got)}, expected "
+        f"{' '.join(want)})."
+    )
+
+
+def check_tree(
+    where: str,
+    like: PyTree,
+    tree: PyTree,
+    name: str,
+    like_name: str = "params",
+    *,
+    batched: bool = False,
+) -> int:
+    """``tree`` matches ``like`` leaf by leaf, by name: paths, structure, shapes, dtypes, device.
+
+    The one structural rule for vectors, right-hand sides and matvec outputs: :func:`check_paths`
+    (names and their order), then :func:`check_like` (structure, shapes, dtypes, devices; with
+    ``batched=True`` a common leading axis, whose size is returned).
+    """
+    check_paths(where, _tree.tree_paths(like), tree, name, like_name)
+    return check_like(where, like, tree, name, batched=batched)
+
+
+def check_damping(where: str, damping: Any, *, positive: bool = False) -> None:
+    """``damping`` is a number >= 0 (> 0 with ``positive``) or a 0-d floating tensor.
+
+    A tensor's value is not read (that would break ``torch.compile``); its shape and dtype are.
+    """
+    if isinstance(damping, torch.Tensor):
+        if damping.dim() != 0:
+            raise ValueError(
+                f"{where}: damping must be a number or a 0-d tensor, got shape "
+                f"{tuple(damping.shape)}; one damping is added to every eigenvalue. For a "
+                "per-entry shift, fold it into matvec."
+            )
+        if not (damping.is_floating_point() or damping.dtype in (torch.int64, torch.int32)):
+            raise TypeError(f"{where}: damping must be a real number, got dtype {damping.dtype}.")
+        return
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)):
+        raise TypeError(
+            f"{where}: damping must be a float or a 0-d tensor, got {type(damping).__name__} "
+            f"{damping!r:.60}."
+        )
+    if positive and not damping > 0:
+        raise ValueError(
+            f"{where}: damping must be > 0, got {damping!r}; the directions outside the kept "
+            "eigenspace are scaled by 1/damping. Pick it on the scale of the discarded "
+            "eigenvalues or larger (e.g. 1e-3 to 1e-1 times the largest eigenvalue)."
+        )
+    if not damping >= 0:
+        raise ValueError(
+            f"{where}: damping must be >= 0 (damping must be non-negative), got {damping!r}."
+        )

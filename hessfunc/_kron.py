@@ -22,6 +22,7 @@ Block-wise products over parameter pytrees (:func:`blockwise`) and the dense ass
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -341,9 +342,82 @@ def dense(
 
 
 def check_damping(where: str, damping: Any) -> None:
-    if isinstance(damping, bool) or not isinstance(damping, (int, float, torch.Tensor)):
-        raise TypeError(
-            f"{where}: damping must be a float or a 0-d tensor, got {type(damping).__name__}."
+    _checks.check_damping(where, damping)
+
+
+# ------------------------------------------------------------------- checks of matvec / solve
+
+
+@_tree.register_static
+@dataclass(frozen=True)
+class Options:
+    """How a Kronecker approximation was built: what two of them must share to be added.
+
+    Travels in the result as a pytree node without leaves (like the layout), so sums over
+    batches and processes keep it, and only equal options combine.
+    """
+
+    fisher: str
+    loss: str
+    """The loss's class name (its output curvature defines the factors)."""
+
+    def describe(self) -> str:
+        return f"fisher={self.fisher!r}, {self.loss}"
+
+
+def options(fisher: str, loss: Loss) -> Options:
+    return Options(fisher, type(loss).__name__)
+
+
+def check_vector(where: str, layout: Layout, tree: PyTree, name: str, dtype: torch.dtype) -> None:
+    """``tree`` is a vector like the parameters, matched by name, in the factors' dtype.
+
+    The names are compared with the layout's before the shapes, so a dict holding the leaves
+    in another order (two layers of one shape) is refused instead of being multiplied by the
+    other layer's factors.
+    """
+    _checks.check_paths(where, layout.paths, tree, name, "params")
+    leaves = layout.check(where, name, tree)
+    covered = {i for b in layout.blocks for i in (b.weight, b.bias) if i is not None}
+    for i, (path, leaf) in enumerate(zip(layout.paths, leaves, strict=True)):
+        if i in covered and leaf.dtype != dtype:
+            raise TypeError(
+                f"{where}: {name}{path} has dtype {leaf.dtype} but the factors are {dtype}; "
+                f"cast {name} with .to({dtype}) (or build the factors in {leaf.dtype})."
+            )
+
+
+def check_invertible(
+    where: str,
+    layout: Layout,
+    damping: Any,
+    eigenvalues: Callable[[], tuple[torch.Tensor, ...]],
+) -> None:
+    """Refuse an undamped solve with a singular operator (eager code only).
+
+    With ``damping == 0`` a zero (or negative, rounding) eigenvalue, or a leaf no block covers,
+    makes the solve divide by zero: the result would be ``inf``, ``nan`` or 1e30-sized numbers.
+    Reading the eigenvalues is a host synchronisation, so it is skipped under torch.compile.
+    """
+    if torch.compiler.is_compiling():
+        return
+    if isinstance(damping, torch.Tensor):
+        if damping.requires_grad or bool(damping != 0):
+            return
+    elif damping != 0:
+        return
+    if layout.uncovered_paths:
+        raise ValueError(
+            f"{where}: damping is 0 but no block covers {', '.join(layout.uncovered_paths)}, "
+            "where the operator is zero; pass damping > 0."
         )
-    if isinstance(damping, (int, float)) and damping < 0:
-        raise ValueError(f"{where}: damping must be non-negative, got {damping!r}.")
+    for block, ev in zip(layout.blocks, eigenvalues(), strict=True):
+        top = ev.abs().max()
+        floor = torch.finfo(ev.dtype).eps * ev[0].numel() * top
+        if not bool((ev > floor).all()):
+            raise ValueError(
+                f"{where}: damping is 0 but the block {'+'.join(block.names)} is singular "
+                f"(smallest eigenvalue {float(ev.min()):.3g}, largest {float(top):.3g}; with "
+                "fewer samples than input features the input factor always is). Pass damping "
+                "> 0, e.g. 1e-3 times the largest eigenvalue."
+            )

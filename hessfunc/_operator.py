@@ -68,6 +68,11 @@ def check_rows(where: str, tree: Any, name: str = "probes") -> int:
                 f"{where}: every leaf of {name} needs the same leading size (the number of "
                 f"vectors); {name}{path} has {leaf.shape[0]}, an earlier leaf {size}."
             )
+    if size == 0:
+        raise ValueError(
+            f"{where}: {name} holds no vector (a leading axis of size 0); pass at least one, "
+            "e.g. hessfunc.random_probes(params, num, generator=g) with num >= 1."
+        )
     return size
 
 
@@ -83,15 +88,22 @@ def flat_operator(
     _checks.check_chunk_size(where, chunk_size)
     flat, unravel = _tree.ravel(one)
     n = flat.numel()
+    # matvec's output is matched to its input by name, once per call of the public function
+    # (the first product): a reordered or transposed leaf of the right size is refused, never
+    # read by position (see _checks.check_tree)
+    unchecked = [True]
+
+    def check(out: PyTree, batched: bool = False) -> int:
+        if not unchecked[0]:
+            return -1
+        size = _checks.check_tree(where, one, out, "matvec(v)", "v", batched=batched)
+        unchecked[0] = False
+        return size
 
     def single(x: torch.Tensor) -> torch.Tensor:
-        out = _tree.ravel(matvec(unravel(x)))[0]
-        if out.shape != (n,):
-            raise ValueError(
-                f"{where}: matvec must return a pytree like its input ({n} entries in all); "
-                f"it returned {out.numel()}."
-            )
-        return out.to(flat.dtype)
+        out = matvec(unravel(x))
+        check(out)
+        return _tree.ravel(out)[0].to(flat.dtype)
 
     def apply(rows: torch.Tensor) -> torch.Tensor:
         if rows.shape[0] == 1:  # one vector (Lanczos, power iteration): vmap would only add cost
@@ -103,7 +115,16 @@ def flat_operator(
         # (vmap of a compiled function is refused by dynamo, pytorch#128711)
 
         def block(rows: torch.Tensor) -> torch.Tensor:
-            out = _tree.ravel_rows(matvec.matmat(vmap(unravel)(rows)))
+            tree = matvec.matmat(vmap(unravel)(rows))
+            if unchecked[0]:
+                size = check(tree, batched=True)
+                if size != rows.shape[0]:
+                    raise ValueError(
+                        f"{where}: the batched matvec must return one product per input "
+                        f"vector: {rows.shape[0]} vectors went in, every leaf came back with a "
+                        f"leading axis of {size}."
+                    )
+            out = _tree.ravel_rows(tree)
             if out.shape != rows.shape:
                 raise ValueError(
                     f"{where}: the batched matvec must return a batch like its input "

@@ -114,6 +114,12 @@ def accumulate(
                     f"{where}: count must return a Python int or a 0-d tensor (e.g. len(y) or "
                     f"(y != -100).sum()); batch {seen} gave {c!r:.80}."
                 )
+            if isinstance(c, torch.Tensor) and (c.dtype == torch.bool or c.is_complex()):
+                raise TypeError(
+                    f"{where}: count must return a number of examples; batch {seen} gave a "
+                    f"0-d {c.dtype} tensor, which would be added as a logical or. Count with "
+                    ".sum() (e.g. (y != -100).sum()) or return len(y)."
+                )
             if isinstance(c, int):
                 int_count += c
             else:
@@ -127,6 +133,10 @@ def accumulate(
                 "joins the reduction with zeros instead of leaving the others waiting."
             )
         total = _tree.zeros_like(like)
+    elif not owned:
+        # one batch: the total would be fn's own output (e.g. a tensor of the user's state);
+        # two or more are summed into a new buffer, so one gets its own copy too
+        total = _tree.tree_map(torch.clone, total)
     device = leaf_device(total)
     counted = None
     if count is not None:
@@ -166,8 +176,11 @@ def sum_pass(
     reduce: Reduce | None,
     like: PyTree | None,
     progress: bool | None,
+    seen: Callable[[int], None] | None = None,
 ) -> PyTree:
     acc = accumulate(where, fn, batches, count=None, like=like, progress=progress)
+    if seen is not None:
+        seen(acc.batches)
     return acc.total if reduce is None else reduce(acc.total)
 
 
@@ -179,8 +192,11 @@ def mean_pass(
     reduce: Reduce | None,
     like: PyTree | None,
     progress: bool | None,
+    seen: Callable[[int], None] | None = None,
 ) -> PyTree:
     acc = accumulate(where, fn, batches, count=count, like=like, progress=progress)
+    if seen is not None:
+        seen(acc.batches)
     # One reduction for the sum and the count together: AllReduce packs them into one buffer.
     total, counted = (acc.total, acc.count) if reduce is None else reduce((acc.total, acc.count))
     return divide(where, total, counted)
@@ -269,3 +285,40 @@ def buffer_copies(modules: nn.Module | Iterable[nn.Module] | None) -> dict[str, 
         for i, m in enumerate(mods)
         for name, buf in m.named_buffers()
     }
+
+
+def describe_batches(batches: Any) -> str:
+    """A short name for an iterable of batches, for error messages."""
+    name = type(batches).__name__
+    dataset = getattr(batches, "dataset", None)
+    if dataset is not None:
+        name += f" over {type(dataset).__name__}"
+    return name
+
+
+def check_pass(where: str, batches: Any, first: int | None, now: int, reduce: Any) -> None:
+    """A pass over ``batches`` saw ``now`` batches; the first pass saw ``first`` (None: this is it).
+
+    A re-iterable that is empty on a later pass (a DataLoader over a streaming
+    ``IterableDataset`` read once, a generator-backed object) or that changes its length
+    would make later products silently zero or of another dataset.
+    """
+    name = describe_batches(batches)
+    if first is None:
+        if now == 0 and reduce is None:
+            raise ValueError(
+                f"{where}: the pass over batches ({name}) yielded no batch, so the product "
+                "would be zero. Pass a non-empty re-iterable (a DataLoader over a map-style "
+                "dataset, a list of tuples); an empty shard is only accepted with reduce=, "
+                "where other processes hold the data."
+            )
+        return
+    if now != first:
+        raise ValueError(
+            f"{where}: this pass over batches ({name}) yielded {now} batches but the first "
+            f"pass yielded {first}; every product must see the same data. An iterable that is "
+            "used up after one pass (a DataLoader over an IterableDataset that streams, an "
+            "object whose __iter__ returns a shared iterator) or one that changes between "
+            "passes cannot back a linear operator: materialise it once with list(batches), "
+            "or build a fresh operator for new data."
+        )

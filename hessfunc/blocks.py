@@ -125,6 +125,7 @@ def blockwise(
         raise TypeError(f"{where}: estimator must be callable, got {type(estimator).__name__}.")
     _checks.check_params(where, like, name="like")
     like_leaves, spec = _tree.tree_flatten(like)
+    _checks.check_paths(where, _tree.tree_paths(like), x, "x", "like")  # by name, not position
     x_leaves = _tree.tree_leaves(x)
     names = _tree.leaf_names(like)
     if len(x_leaves) != len(like_leaves):
@@ -140,6 +141,7 @@ def blockwise(
             )
     batched = isinstance(matvec, _operator.BatchedMatvec)
     results: dict[str, Any] = {}
+    unchecked = [True]  # the first product is matched to like by name (_checks.check_tree)
     for group, idx in _groups(where, like, blocks).items():
         keys = [names[i] for i in idx]
 
@@ -150,7 +152,11 @@ def blockwise(
             for i, key in zip(idx, keys, strict=True):
                 full[i] = v[key]
             product = matvec.matmat if batched else matvec
-            out = _tree.tree_leaves(product(_tree.tree_unflatten(spec, full)))
+            tree = product(_tree.tree_unflatten(spec, full))
+            if unchecked[0]:
+                _checks.check_tree(where, like, tree, "matvec(v)", "like", batched=batched)
+                unchecked[0] = False
+            out = _tree.tree_leaves(tree)
             if len(out) != len(full):
                 raise ValueError(
                     f"{where}: matvec must return a pytree like its input; got {len(out)} "

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.func import vmap
 
-from . import _passes, _progress, _tree
+from . import _checks, _passes, _progress, _tree
 from ._passes import Count, Reduce
 from ._types import PyTree
 
@@ -160,13 +160,36 @@ class DatasetOperator:
     reduce: Reduce | None = None
     batched: Callable[..., PyTree] | None = None
     progress: bool | None = None
+    first_pass: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+    """Batches seen by the first pass (``{"batches": n}`` once one ran): later passes must match."""
 
     def _over(self, method: str, fn: Callable[..., PyTree], like: PyTree) -> PyTree:
         where = f"hessfunc.data.linear_operator(product, batches).{method}"
+
+        def seen(now: int) -> None:
+            _passes.check_pass(
+                where, self.batches, self.first_pass.get("batches"), now, self.reduce
+            )
+            self.first_pass.setdefault("batches", now)
+
+        # the product of the first batch of every pass is matched to v by name (its later
+        # batches must have the same structure, which the pass itself checks)
+        name = "product(v, *batch)" if method == "matvec" else "the batched product"
+        unchecked = [True]
+
+        def checked(*batch: Any) -> PyTree:
+            out = fn(*batch)
+            if unchecked[0]:
+                _checks.check_tree(where, like, out, name, "v" if method == "matvec" else "vs")
+                unchecked[0] = False
+            return out
+
         if self.count is None:
-            return _passes.sum_pass(where, fn, self.batches, self.reduce, like, self.progress)
+            return _passes.sum_pass(
+                where, checked, self.batches, self.reduce, like, self.progress, seen
+            )
         return _passes.mean_pass(
-            where, fn, self.batches, self.count, self.reduce, like, self.progress
+            where, checked, self.batches, self.count, self.reduce, like, self.progress, seen
         )
 
     def matvec(self, v: PyTree) -> PyTree:
@@ -212,6 +235,9 @@ def linear_operator(
     Args:
         product: ``product(v, *batch) -> pytree like v``, linear in ``v``.
         batches: a *re-iterable* (a ``DataLoader``, a list), since every product is a pass.
+            Every pass must yield as many batches as the first (a stream read once, which is
+            empty on the second pass, raises ``ValueError``); an empty first pass is refused
+            unless ``reduce`` is given (a process without a shard).
         count: ``count(*batch)`` for the mean (see :func:`mean_over`); ``None`` for the sum.
         reduce: e.g. :class:`hessfunc.distributed.AllReduce`: one collective per product.
         batched: ``batched(vs, *batch)``: the product with ``k`` stacked directions, used by

@@ -43,6 +43,8 @@ class Moments(NamedTuple):
     """Per block the summed squared projections, ``(groups, out_features, size)``."""
     loss_terms: torch.Tensor | None
     """Loss terms a ``"mean"`` reduction divides by (0-d int64); ``None`` for ``"sum"``."""
+    options: _kron.Options | None = None
+    """The Fisher type and loss the moments were built with (no tensors); ``add`` compares it."""
 
     def add(self, other: Moments) -> Moments:
         """The moments of both batches (computed in the same basis): sums and counts added.
@@ -111,6 +113,8 @@ class EKFAC(NamedTuple):
     def _apply(
         self, where: str, tree: PyTree, name: str, scale: Callable, rest: Callable
     ) -> PyTree:
+        if self.input_bases:
+            _kron.check_vector(where, self.layout, tree, name, self.input_bases[0].dtype)
         ev = self.eigenvalues
 
         def block(i: int, m: torch.Tensor) -> torch.Tensor:
@@ -170,6 +174,9 @@ class EKFAC(NamedTuple):
         """
         where = "hessfunc.EKFAC.solve(b, damping)"
         _kron.check_damping(where, damping)
+        if self.input_bases:
+            _kron.check_vector(where, self.layout, b, "b", self.input_bases[0].dtype)
+        _kron.check_invertible(where, self.layout, damping, lambda: self.eigenvalues)
         return self._apply(where, b, "b", lambda e: 1.0 / (e + damping), lambda x: x / damping)
 
     def dense(self, *, max_bytes: int | None = None) -> torch.Tensor:
@@ -328,4 +335,5 @@ def ekfac(
             g = torch.cat(grads, 2) if len(grads) > 1 else grads[0]
             sums[i] = sums[i] + _moments(a, g, basis.input_bases[i], basis.grad_bases[i])
     sums = [s * p.weight if p.weight != 1.0 else s for s in sums]
-    return basis._replace(moments=Moments(tuple(sums), p.loss_terms))
+    moments = Moments(tuple(sums), p.loss_terms, _kron.options(fisher, loss_fn))
+    return basis._replace(moments=moments)

@@ -183,6 +183,13 @@ def hessian_operator(
     other product). The result is a product on one vector or, through ``.matmat``, on a batch
     (every leaf with a leading axis), which the estimators call without their own ``vmap``.
 
+    The graph is tied to the tensors it was built on: after an in-place change of
+    ``params`` (an ``optimizer.step()`` on the module behind :func:`hessfunc.from_module`,
+    whose parameters share storage) or of a tensor in ``args``, a product would mix the old
+    point with the new one. Every product first compares the tensors' version counters with
+    those recorded at build time and raises ``RuntimeError`` (rebuild the operator) if one
+    moved. The comparison runs in eager code; under ``torch.compile`` it is skipped.
+
     Args:
         f: ``f(params, *args) -> scalar tensor``.
         params: a pytree of floating tensors (the point; fixed for the operator's life).
@@ -214,10 +221,12 @@ def hessian_operator(
     _checks.check_chunk_size(where, chunk_size)
     _checks.check_params(where, params)
     grad_fn = _grad_fn(where, f, args)
+    watched = _watch(params, args)
     pullback = _context.evaluate(where, "rev-rev", lambda m: vjp(grad_fn, params)[1], hessian=True)
 
     def matmat(vs: PyTree) -> PyTree:
-        _checks.check_like(where, params, vs, "vs", batched=True)
+        _check_unchanged(where, watched)
+        _checks.check_tree(where, params, vs, "vs", batched=True)
         return _context.evaluate(
             where,
             "rev-rev",
@@ -231,3 +240,49 @@ def hessian_operator(
         )
 
     return _operator.BatchedMatvec(matmat)
+
+
+def _watch(params: PyTree, args: tuple[Any, ...]) -> list[tuple[str, torch.Tensor, int]]:
+    """``(name, tensor, version)`` of every tensor a kept graph was built on.
+
+    ``tensor._version`` counts in-place writes to a tensor's storage and is shared by its
+    views and ``detach()``-ed aliases, so an ``optimizer.step()`` on the module behind
+    :func:`hessfunc.from_module`'s parameters, or a ``batch.mul_(...)``, bumps it.
+    """
+    out = []
+    for prefix, tree in (("params", params), ("args", args)):
+        for path, leaf in zip(_tree.tree_paths(tree), _tree.tree_leaves(tree), strict=True):
+            if isinstance(leaf, torch.Tensor):
+                version = _version(leaf)
+                if version is not None:
+                    out.append((f"{prefix}{path}", leaf, version))
+    return out
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return int(t._version)
+    except (RuntimeError, AttributeError):  # a tensor wrapped by a transform has none
+        return None
+
+
+def _check_unchanged(where: str, watched: list[tuple[str, torch.Tensor, int]]) -> None:
+    """Refuse a product through a graph whose tensors were changed in place since it was built.
+
+    The kept graph holds the old point's saved values for some operations and reads the
+    changed tensors for others, so its products are neither the old Hessian's nor the new
+    one's. Eager only: under torch.compile the versions are not guarded (build and use the
+    operator within one compiled region, or rebuild it after every change).
+    """
+    if torch.compiler.is_compiling():
+        return
+    changed = [name for name, t, v in watched if _version(t) not in (None, v)]
+    if changed:
+        raise RuntimeError(
+            f"{where}: {', '.join(changed[:5])}{' and others' if len(changed) > 5 else ''} "
+            "changed in place since this operator was built (e.g. an optimizer.step() on the "
+            "module behind from_module, or an in-place edit of the batch), so its kept graph "
+            "mixes the old point with the new one. Rebuild it with "
+            "hessfunc.hessian_operator(f, params, *args) after every change, or pass copies "
+            "(.clone()) if the originals must change."
+        )

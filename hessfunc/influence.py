@@ -105,7 +105,14 @@ def _batch_size(name: str, data: Any) -> int:
         raise ValueError(
             f"{WHERE}: the arguments in {name} disagree on the number of samples: {sorted(sizes)}."
         )
-    return sizes.pop()
+    size = sizes.pop()
+    if size == 0:
+        raise ValueError(
+            f"{WHERE}: {name} holds no sample (axis 0 has size 0); influence needs at least one "
+            f"{'training' if name == 'train' else 'test'} sample. Check the slice or filter "
+            f"that built {name}."
+        )
+    return size
 
 
 def _slice(data: tuple, start: int, stop: int) -> tuple:
@@ -133,9 +140,14 @@ def _problem(
             return hvp(loss, params, v, *batch, mode=mode)
 
     elif callable(curvature):
+        unchecked = [True]
 
         def batch_matvec(v: PyTree, *batch: Any) -> PyTree:
-            return curvature(params, v, *batch)
+            out = curvature(params, v, *batch)
+            if unchecked[0]:  # matched to params by name once (see _checks.check_tree)
+                _checks.check_tree(WHERE, params, out, "curvature(params, v, *batch)")
+                unchecked[0] = False
+            return out
 
     else:
         raise ValueError(

@@ -63,23 +63,7 @@ def _norm(tree: PyTree) -> torch.Tensor:
 
 
 def _check_damping(where: str, damping: Any, *, positive: bool = False) -> None:
-    if isinstance(damping, torch.Tensor):
-        if damping.dim() != 0:
-            raise ValueError(
-                f"{where}: damping must be a number or a 0-d tensor, got shape "
-                f"{tuple(damping.shape)}."
-            )
-        return  # its value is not read: under torch.compile that would be a graph break
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)):
-        raise TypeError(f"{where}: damping must be a float or a 0-d tensor, got {damping!r}.")
-    if positive and not damping > 0:
-        raise ValueError(
-            f"{where}: damping must be > 0, got {damping!r}; the directions outside the kept "
-            "eigenspace are scaled by 1/damping. Pick it on the scale of the discarded "
-            "eigenvalues or larger (e.g. 1e-3 to 1e-1 times the largest eigenvalue)."
-        )
-    if not damping >= 0:
-        raise ValueError(f"{where}: damping must be >= 0, got {damping!r}.")
+    _checks.check_damping(where, damping, positive=positive)
 
 
 def lissa(
@@ -201,7 +185,10 @@ def lissa(
     slack = 1.0 + torch.finfo(x_norm.dtype).eps ** 0.5
     for batch in steps:
         args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
-        r = _tree.sub(b, _tree.axpy(damping, x, matvec(x, *args)))
+        out = matvec(x, *args)
+        if count == 0:  # matched to b by name once per call (see _checks.check_tree)
+            _checks.check_tree(where, b, out, "matvec(x, *batch)", "b")
+        r = _tree.sub(b, _tree.axpy(damping, x, out))
         residual = _norm(r)
         x_new = _tree.axpy(1.0 / scale, r, x)
         count += 1
@@ -249,16 +236,12 @@ class LowRankInverse(NamedTuple):
         """
         lam = self.damping if damping is None else damping
         _check_damping("hessfunc.LowRankInverse.solve(b, damping=)", lam, positive=True)
+        where = "hessfunc.LowRankInverse.solve(b)"
+        # b is matched to the eigenvectors by name, then by shape and dtype: a reordered dict
+        # of leaves of the same shapes would otherwise be projected by position
+        _checks.check_tree(where, _tree.tree_map(lambda u: u[0], self.eigenvectors), b, "b", "v0")
         u_leaves = _tree.tree_leaves(self.eigenvectors)
         b_leaves = _tree.tree_leaves(b)
-        if len(u_leaves) != len(b_leaves) or any(
-            u.shape[1:] != t.shape for u, t in zip(u_leaves, b_leaves, strict=True)
-        ):
-            raise ValueError(
-                "hessfunc.LowRankInverse.solve(b): b must be shaped like the vector the inverse "
-                f"was built on; got leaves {[tuple(t.shape) for t in b_leaves]}, expected "
-                f"{[tuple(u.shape[1:]) for u in u_leaves]}."
-            )
         rank = self.eigenvalues.shape[0]
         coeffs = sum(
             u.reshape(rank, -1) @ t.reshape(-1).to(u.dtype)

@@ -75,6 +75,8 @@ class KFAC(NamedTuple):
     """Loss terms a ``"mean"`` reduction divides by (0-d int64); ``None`` for ``"sum"``."""
     layout: Layout
     """Which leaves each block covers, and which leaves no block covers (no tensors)."""
+    options: _kron.Options | None = None
+    """The Fisher type and loss the factors were built with (no tensors); ``add`` compares it."""
 
     @property
     def A(self) -> tuple[torch.Tensor, ...]:  # noqa: N802 - the factor's name in the literature
@@ -151,6 +153,8 @@ class KFAC(NamedTuple):
             {'w': tensor([[2., 2.]])}
         """
         where = "hessfunc.KFAC.matvec(v)"
+        if self.grad_sums:
+            _kron.check_vector(where, self.layout, v, "v", self.grad_sums[0].dtype)
 
         def block(i: int, m: torch.Tensor) -> torch.Tensor:
             # the stored sums with one scalar, rather than normalised copies of the factors
@@ -203,11 +207,16 @@ class KFAC(NamedTuple):
         """
         where = "hessfunc.KFAC.solve(b, damping)"
         _kron.check_damping(where, damping)
+        if method not in ("exact", "pi"):
+            raise ValueError(f"{where}: unknown method={method!r}; expected 'exact' or 'pi'.")
+        if self.grad_sums:
+            _kron.check_vector(where, self.layout, b, "b", self.grad_sums[0].dtype)
         if method == "exact":
             return self.eigendecompose().solve(b, damping)
-        if method != "pi":
-            raise ValueError(f"{where}: unknown method={method!r}; expected 'exact' or 'pi'.")
         A, G = self.A, self.G
+        _kron.check_invertible(
+            where, self.layout, damping, lambda: self.eigendecompose().eigenvalues
+        )
 
         def block(i: int, m: torch.Tensor) -> torch.Tensor:
             la, qa = torch.linalg.eigh(A[i])
@@ -289,7 +298,8 @@ class KFAC(NamedTuple):
             qas.append(qa)
             qgs.append(qg)
             sums.append(lg.unsqueeze(-1) * la.unsqueeze(-2))
-        return EKFAC(tuple(qas), tuple(qgs), Moments(tuple(sums), self.loss_terms), self.layout)
+        moments = Moments(tuple(sums), self.loss_terms, self.options)
+        return EKFAC(tuple(qas), tuple(qgs), moments, self.layout)
 
 
 def _add(where: str, a: Any, b: Any) -> Any:
@@ -298,11 +308,43 @@ def _add(where: str, a: Any, b: Any) -> Any:
         raise TypeError(f"{where}: other must be a {type(a).__name__}, got {type(b).__name__}.")
     layout_a = getattr(a, "layout", None)
     if layout_a is not None and layout_a != b.layout:
+        names_a = [x.names for x in layout_a.blocks]
+        names_b = [x.names for x in b.layout.blocks]
+        if names_a == names_b and layout_a.paths == b.layout.paths:
+            # same names: say what differs (shapes), not two identical lists of names
+            diff = (
+                [
+                    f"{path}: {sa} vs {sb}"
+                    for path, sa, sb in zip(
+                        layout_a.paths, layout_a.shapes, b.layout.shapes, strict=True
+                    )
+                    if sa != sb
+                ]
+                or [
+                    f"{'+'.join(x.names)}: {x} vs {y}"
+                    for x, y in zip(layout_a.blocks, b.layout.blocks, strict=True)
+                    if x != y
+                ]
+                or [f"uncovered {layout_a.uncovered_paths} vs {b.layout.uncovered_paths}"]
+            )
+            raise ValueError(
+                f"{where}: the two results have the same blocks but different layouts "
+                f"({'; '.join(diff)}); build both with the same model_fn, params (shapes) and "
+                "separate_bias."
+            )
         raise ValueError(
-            f"{where}: the two results cover different blocks ({[x.names for x in layout_a.blocks]}"
-            f" vs {[x.names for x in b.layout.blocks]}); build both with the same model_fn, "
-            "params and separate_bias."
+            f"{where}: the two results cover different blocks ({names_a} vs {names_b}); build "
+            "both with the same model_fn, params and separate_bias."
         )
+    opt_a, opt_b = getattr(a, "options", None), getattr(b, "options", None)
+    if opt_a is not None and opt_b is not None and opt_a != opt_b:
+        raise ValueError(
+            f"{where}: the two results were built differently ({opt_a.describe()} vs "
+            f"{opt_b.describe()}); their sums estimate different matrices, so adding them "
+            "gives neither. Build every batch with the same fisher= and loss type."
+        )
+    if (opt_a is None) != (opt_b is None):
+        a, b = a._replace(options=opt_a or opt_b), b._replace(options=opt_a or opt_b)
     if (a.loss_terms is None) != (b.loss_terms is None):
         raise ValueError(
             f"{where}: one result comes from a 'mean' loss and the other from a 'sum' loss; "
@@ -421,4 +463,4 @@ def kfac(
         where, model_fn, loss_fn, params, args, fisher=fisher, generator=generator, noise=noise,
         mc_samples=mc_samples, separate_bias=separate_bias, chunk_size=chunk_size,
     )  # fmt: skip
-    return factor_sums(p)[0]
+    return factor_sums(p)[0]._replace(options=_kron.options(fisher, loss_fn))

@@ -170,6 +170,32 @@ def lanczos_rows(
     return a, b, Q, AQ
 
 
+def check_finite(where: str, alphas: torch.Tensor, betas: torch.Tensor) -> None:
+    """Name a non-finite product before the small eigenproblem fails on it (eager only).
+
+    A ``nan`` or ``inf`` from ``matvec`` spreads into every later Lanczos coefficient, and
+    ``torch.linalg.eigh`` then reports an ill-conditioned matrix instead of the cause. One
+    host synchronisation per call; skipped under torch.compile (the result is then ``nan``).
+    """
+    if torch.compiler.is_compiling():
+        return
+    bad = ~torch.isfinite(alphas)
+    if bool(bad.any()):
+        step = int(bad.any(0).nonzero()[0, 0])
+        raise FloatingPointError(
+            f"{where}: matvec returned a non-finite value (nan or inf) at Lanczos step {step} "
+            "(products before it were finite). Check the operator at that point: a loss that "
+            "overflows, a log of zero, a division by a zero count; run it with "
+            "torch.autograd.set_detect_anomaly(True) or check the product with "
+            "torch.isfinite on a few random vectors."
+        )
+    if not bool(torch.isfinite(betas).all()):
+        raise FloatingPointError(
+            f"{where}: the Lanczos recurrence produced a non-finite value; matvec's products "
+            "are finite but overflow when combined. Scale the operator down."
+        )
+
+
 def _check_iters(where: str, num_iters: int, n: int) -> None:
     _operator.check_int(where, "num_iters", num_iters)
     if num_iters > n:
@@ -311,6 +337,7 @@ def eigsh(
     a, b, Q, AQ = lanczos_rows(
         op.apply, start[None], num_iters, reorthogonalize=reorthogonalize, keep_images=True
     )
+    check_finite(where, a, b)
     theta, S = torch.linalg.eigh(_tridiagonal(a[0], b[0]))
     idx = _select(theta, k, which)
     theta, S = theta[idx], S[:, idx]
@@ -345,6 +372,13 @@ def power_iteration(
     eigenpair is done once :math:`r \le \mathrm{tol}\, |\theta|`; eager code then stops,
     compiled code keeps running its fixed ``num_iters`` steps with the pair frozen (no host
     sync, one graph), so both return the same result.
+
+    Past the operator's rank (``k`` above the number of non-zero eigenvalues, or a null
+    operator) the deflated product is rounding, about :math:`\epsilon^{3/4}\sqrt n` of the
+    operator's scale or less: the pair is then returned as eigenvalue 0 with a unit vector
+    orthogonal to the earlier ones (residual :math:`\|Av\|`), never a copy of an earlier pair
+    or ``nan``. A start vector inside the span of the pairs already found is replaced by a fixed
+    vector orthogonal to them.
 
     Args:
         matvec: ``v -> A v`` for ``v`` a pytree like ``v0``; ``A`` symmetric.
@@ -381,33 +415,53 @@ def power_iteration(
     eager_stop = tol is not None and not torch.compiler.is_compiling()
     found: list[torch.Tensor] = []
     thetas, residuals, counts = [], [], []
+    # A deflated product below this fraction of the operator's scale is rounding: the operator
+    # restricted to the complement of the pairs found is null (k above the rank, or a null
+    # operator), and normalising that rounding would return a copy of an earlier pair or nan.
+    eps = torch.finfo(start.dtype).eps
+    null_tol = eps**0.75 * op.n**0.5
+    scale = start.new_zeros(())  # the largest |A v| seen: the operator's scale
 
     def deflate(x: torch.Tensor) -> torch.Tensor:
         for u in found:
             x = x - (u @ x) * u
         return x
 
-    for _ in range(k):
-        v = deflate(start)
-        v = v / torch.linalg.vector_norm(v)
+    def unit(x: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+        """``x`` normalised, or ``fallback`` where ``x`` is (about) zero; no host sync."""
+        norm = torch.linalg.vector_norm(x)
+        small = norm <= eps * op.n * torch.linalg.vector_norm(start)
+        return torch.where(small, fallback, x / torch.where(small, torch.ones_like(norm), norm))
+
+    for i in range(k):
+        # a start vector inside the span of the pairs found is replaced by a fixed one
+        # orthogonal to them (the restart vector Lanczos uses), never divided by zero
+        spare = deflate(deflate(_fallback(start[None], i)[0]))
+        v = unit(deflate(start), spare / torch.linalg.vector_norm(spare))
         vec, theta = v, v.new_zeros(())
         residual = v.new_full((), float("inf"))
         active = torch.ones((), dtype=torch.bool, device=v.device)
         count = torch.zeros((), dtype=torch.int64, device=v.device)
         for _ in range(num_iters):
             w = op.apply(v[None])[0]
-            t = v @ w
+            scale = torch.maximum(scale, torch.linalg.vector_norm(w))
+            d = deflate(w)
+            dn = torch.linalg.vector_norm(d)
+            null = dn <= null_tol * scale
+            t = torch.where(null, torch.zeros_like(dn), v @ w)
             r = torch.linalg.vector_norm(w - t * v)  # v is a unit vector: the true residual
             vec = torch.where(active, v, vec)
             theta = torch.where(active, t, theta)
             residual = torch.where(active, r, residual)
             count = count + active.to(count.dtype)
+            # on a null deflated operator the pair is final: eigenvalue 0, v orthogonal to the
+            # earlier vectors (and to every direction A maps anywhere)
+            active = active & ~null
             if tol is not None:
                 active = active & (r > tol * t.abs())
             if eager_stop and not bool(active):
                 break
-            w = deflate(w)
-            v = w / torch.linalg.vector_norm(w)
+            v = torch.where(null, v, d / torch.where(null, torch.ones_like(dn), dn))
         found.append(vec)
         thetas.append(theta)
         residuals.append(residual)

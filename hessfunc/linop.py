@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import _tree
+from . import _checks, _tree
 from ._types import PyTree
 
 if TYPE_CHECKING:
@@ -107,6 +107,8 @@ def to_scipy(
     n = flat.numel()
     if n == 0:
         raise ValueError(f"{where}: like has no entries; there is no vector space to act on.")
+    # floating leaves on one device: an integer like would build an integer operator
+    _checks.check_params(where, like, name="like")
     try:
         import numpy as np
         from scipy.sparse.linalg import LinearOperator
@@ -117,7 +119,6 @@ def to_scipy(
     np_dtype = _numpy_dtype(where, flat.dtype if dtype is None else dtype)
     compute = flat.dtype
     device = flat.device
-    spec = _tree.tree_structure(like)
     unravel_rows = _tree.unravel_rows(like)
 
     def to_torch(x: Any) -> torch.Tensor:
@@ -126,11 +127,13 @@ def to_scipy(
     def to_numpy(t: torch.Tensor) -> Any:
         return t.detach().cpu().numpy().astype(np_dtype, copy=False)
 
-    def checked(out: PyTree, what: str) -> PyTree:
-        if _tree.tree_structure(out) != spec:
+    def checked(out: PyTree, what: str, k: int | None = None) -> PyTree:
+        # matched to like by name, structure, shapes and dtypes (_checks.check_tree)
+        size = _checks.check_tree(where, like, out, what, "like", batched=k is not None)
+        if k is not None and size != k:
             raise ValueError(
-                f"{where}: {what} must return a pytree like `like`; got "
-                f"{_tree.tree_structure(out)} vs {spec}."
+                f"{where}: {what} must return one product per direction: {k} went in, the "
+                f"leaves came back with a leading axis of {size}."
             )
         return out
 
@@ -141,7 +144,7 @@ def to_scipy(
     def real_matmat(X: Any) -> Any:
         if matmat is None:
             return np.column_stack([real_matvec(X[:, j]) for j in range(X.shape[1])])
-        outs = matmat(unravel_rows(to_torch(X.T)))
+        outs = checked(matmat(unravel_rows(to_torch(X.T))), "matmat(vs)", X.shape[1])
         return to_numpy(_tree.ravel_rows(outs).T)
 
     def split_complex(real: Callable[[Any], Any]) -> Callable[[Any], Any]:

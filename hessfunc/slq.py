@@ -22,10 +22,10 @@ from typing import NamedTuple
 
 import torch
 
-from . import _operator
+from . import _checks, _operator
 from ._types import PyTree
 from .estimators import TraceEstimate
-from .lanczos import _check_iters, _tridiagonal, lanczos_rows
+from .lanczos import _check_iters, _tridiagonal, check_finite, lanczos_rows
 
 __all__ = ["SLQResult", "logdet", "slq", "spectral_density"]
 
@@ -119,6 +119,7 @@ def _slq(
     a, b, _, _ = lanczos_rows(
         op.apply, V, num_iters, reorthogonalize=reorthogonalize, keep_basis=False
     )
+    check_finite(where, a, b)
     nodes, S = torch.linalg.eigh(_tridiagonal(a, b))
     weights = S[:, 0, :] ** 2
     return SLQResult(nodes, weights, (V * V).sum(1))
@@ -164,10 +165,24 @@ def spectral_density(
             "hessfunc.spectral_density(result, grid, sigma=): result must be the SLQResult of "
             f"hessfunc.slq, got {type(result).__name__}."
         )
-    if isinstance(sigma, (int, float)) and not sigma > 0:
-        raise ValueError(
-            f"hessfunc.spectral_density(result, grid, sigma=): sigma must be > 0, got {sigma!r}."
-        )
+    where = "hessfunc.spectral_density(result, grid, sigma=)"
+    if isinstance(sigma, torch.Tensor):
+        if sigma.dim() != 0 or not sigma.is_floating_point():
+            raise ValueError(
+                f"{where}: sigma must be a positive float or a 0-d floating tensor, got a tensor "
+                f"of shape {tuple(sigma.shape)} and dtype {sigma.dtype}."
+            )
+        # the value is read in eager code only (under torch.compile it would be a graph break)
+        if not torch.compiler.is_compiling() and not bool(sigma > 0):
+            raise ValueError(
+                f"{where}: sigma must be > 0, got {float(sigma)!r}; it is the width of the "
+                "Gaussian each Ritz value is smeared into (take it above the spacing of the "
+                "nodes, e.g. 1e-2 times the spectral range)."
+            )
+    elif isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
+        raise TypeError(f"{where}: sigma must be a positive float, got {type(sigma).__name__}.")
+    elif not sigma > 0:
+        raise ValueError(f"{where}: sigma must be > 0, got {sigma!r}.")
     t = grid.reshape(-1, 1, 1).to(result.nodes.dtype)
     z = (t - result.nodes) / sigma
     kernel = torch.exp(-0.5 * z * z) / (sigma * math.sqrt(2 * math.pi))
@@ -222,6 +237,7 @@ def logdet(
         True
     """
     where = "hessfunc.logdet(matvec, probes, num_iters)"
+    _checks.check_damping(where, damping)
     res = _slq(where, matvec, probes, num_iters, reorthogonalize, chunk_size)
     samples = res.sq_norms * (res.weights * torch.log(res.nodes + damping)).sum(1)
     return TraceEstimate(*_operator.mean_and_error(samples))

@@ -90,17 +90,37 @@ def cg(
         raise ValueError(f"{where}: maxiter must be a non-negative int, got {maxiter!r}.")
     if tol is not None and not (isinstance(tol, (int, float)) and tol >= 0):
         raise ValueError(f"{where}: tol must be None or a non-negative float, got {tol!r}.")
+    if not callable(matvec):
+        raise TypeError(
+            f"{where}: matvec must be callable as matvec(v) -> A v, got {type(matvec).__name__}."
+        )
     _checks.check_params(where, b, name="b")
+    _checks.check_damping(where, damping)
     if x0 is not None:
-        _checks.check_like(where, b, x0, "x0")
+        _checks.check_tree(where, b, x0, "x0", "b")
     if preconditioner is not None and not callable(preconditioner):
         raise TypeError(
             f"{where}: preconditioner must be None or callable as preconditioner(r) -> M r, got "
             f"{type(preconditioner).__name__}."
         )
+    # the first product and the first preconditioned residual are matched to b by name (see
+    # _checks.check_tree); later ones are not re-checked
+    unchecked = {"matvec(v)": True, "preconditioner(r)": True}
+
+    def checked(name: str, out: PyTree) -> PyTree:
+        if unchecked[name]:
+            _checks.check_tree(where, b, out, name, "b")
+            unchecked[name] = False
+        return out
 
     def op(v: PyTree) -> PyTree:
-        return _tree.axpy(damping, v, matvec(v))
+        return _tree.axpy(damping, v, checked("matvec(v)", matvec(v)))
+
+    precondition = preconditioner
+    if preconditioner is not None:
+
+        def precondition(r: PyTree) -> PyTree:
+            return checked("preconditioner(r)", preconditioner(r))
 
     if x0 is None:
         x = _tree.zeros_like(b)
@@ -109,7 +129,7 @@ def cg(
         x = x0
         r = _tree.sub(b, op(x0))
     # z = M r; without a preconditioner z is r and r.z is r.r, so the iterates are plain CG's
-    z = r if preconditioner is None else preconditioner(r)
+    z = r if preconditioner is None else precondition(r)
     p = z
     rs = _tree.vdot(r, r)
     rz = rs if preconditioner is None else _tree.vdot(r, z)
@@ -144,7 +164,7 @@ def cg(
         if preconditioner is None:
             z, rz_new = r, rs_new
         else:
-            z = preconditioner(r)
+            z = precondition(r)
             rz_new = _tree.vdot(r, z)
         beta = torch.where(
             active & (rz > 0),
