@@ -27,7 +27,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch.func import vjp, vmap
 
-from . import _checks, _context, _memory, _tree
+from . import _checks, _context, _memory, _outputs, _tree
 from ._layers import SUPPORTED, Block, Call, Layout, Recorder, block_grads, block_inputs, plan
 from ._types import PyTree
 from .losses import (
@@ -224,7 +224,7 @@ def collect(
     def forward(pr: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         again: list[Call] = []
         with _context.attention_fastpath_off(), Recorder(leaves, again, {}, pr):
-            out = model_fn(params, *args)
+            out = _outputs.clean(where, model_fn(params, *args))
         if len(again) != len(calls):
             raise RuntimeError(
                 f"{where}: model_fn called {len(again)} layers on the second run and "
@@ -233,12 +233,17 @@ def collect(
             )
         return out, [c.x for c in again]
 
-    out, pullback, xs = vjp(forward, probes, has_aux=True)
+    full, pull_full, xs = vjp(forward, probes, has_aux=True)
+    out, embed = _outputs.loss_view(full)
     if not isinstance(out, torch.Tensor):
         raise TypeError(
-            f"{where}: model_fn must return one tensor of outputs (samples along axis 0), got "
-            f"{type(out).__name__}."
+            f"{where}: model_fn must return one tensor of outputs (samples along axis 0), or a "
+            f"container whose 'logits' entry is that tensor; got {type(out).__name__}."
         )
+
+    def pullback(c: torch.Tensor) -> Any:
+        return pull_full(embed(c))
+
     calls = [c._replace(x=x) for c, x in zip(calls, xs, strict=True)]
     k, weight, make = _columns(where, loss, out, fisher, generator, noise, mc_samples)
     step = k if chunk_size is None else min(chunk_size, k)

@@ -33,7 +33,7 @@ from typing import Any, Literal
 import torch
 from torch.func import grad, vmap
 
-from . import _checks, _context, _tree
+from . import _checks, _context, _outputs, _tree
 from ._types import Mode, PyTree
 from .ggn import _check_model_fn, _linearise
 from .losses import Loss
@@ -127,7 +127,13 @@ def fisher_vp(
     _checks.check_like(where, params, v)
 
     def product(mode: str) -> PyTree:
-        out, jv, pullback = _linearise(lambda p: model_fn(p, *args), params, v, mode)
+        full, jv_full, pull_full = _linearise(where, lambda p: model_fn(p, *args), params, v, mode)
+        out, embed = _outputs.loss_view(full)
+        jv = _outputs.loss_view(jv_full)[0]
+
+        def pullback(c: PyTree) -> PyTree:
+            return pull_full(embed(c))
+
         c = loss.scale(out)
         if kind == "empirical":
             r = loss.output_grads(out)
@@ -135,7 +141,7 @@ def fisher_vp(
         shape = (mc_samples, *loss.noise_shape(out))
         u = noise
         if u is None:
-            ref = _tree.tree_leaves(out)[0]
+            ref = _outputs.first_leaf(out)
             u = torch.rand(shape, generator=generator, dtype=ref.dtype, device=generator.device)
             u = u.to(ref.device)
         elif tuple(u.shape) != shape:

@@ -16,6 +16,12 @@ and ``loss_fn(outputs) -> scalar``, whose targets are closed over or held by a l
 :mod:`hessfunc.losses`. With such an object :math:`H_\ell u` is a closed form; any other callable
 gets it from autodiff in output space (forward-over-reverse of ``loss_fn``, cheap because the
 outputs are small).
+
+Outputs may be any container torch's own pytree knows (tuples, dicts, a transformers
+``ModelOutput``, a registered dataclass); leaves that are not floating tensors (a
+``DynamicCache`` from ``use_cache=True``, integer tensors) are dropped, and ``loss_fn`` sees
+``None`` in their place. A loss object reads the tensor itself or its ``"logits"`` entry; the
+other outputs then carry no curvature (see ``docs/guides/real_models.md``).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from typing import Any
 import torch
 from torch.func import jacrev, jvp, vjp, vmap
 
-from . import _checks, _context, _memory, _tree
+from . import _checks, _context, _memory, _outputs, _tree
 from ._types import Mode, PyTree
 from .hessian import rows_over_basis
 from .losses import Loss
@@ -35,9 +41,13 @@ __all__ = ["ggn_matrix", "ggn_vp", "ggn_vps"]
 
 
 def _linearise(
-    call: Callable[[PyTree], PyTree], params: PyTree, v: PyTree, mode: str
+    where: str, model: Callable[[PyTree], PyTree], params: PyTree, v: PyTree, mode: str
 ) -> tuple[PyTree, PyTree, Callable[[PyTree], PyTree]]:
     """``(f, J v, u -> J^T u)`` at ``params`` from a single forward pass of the model.
+
+    The outputs go through :func:`hessfunc._outputs.clean` first (every floating tensor leaf of
+    any container torch's pytree knows; caches and other non-differentiable leaves become
+    ``None``), so tensors, tuples, dicts and ``ModelOutput``s behave the same in both modes.
 
     ``"fwd-rev"``: the forward pass carries the tangent ``v`` (``jvp``) inside a ``vjp``; ``J v``
     leaves as auxiliary output, so the pullback only runs back through the primal outputs: a
@@ -48,6 +58,9 @@ def _linearise(
     cotangent even though the map they compute is linear (``logcumsumexp``'s backward takes the
     log of ``|u|``, so at ``u = 0`` its linearisation is NaN or exactly zero).
     """
+    def call(p: PyTree) -> PyTree:
+        return _outputs.clean(where, model(p))
+
     if mode == "fwd-rev":
 
         def primal_and_tangent(p: PyTree) -> tuple[PyTree, PyTree]:
@@ -56,7 +69,7 @@ def _linearise(
         out, pullback, jv = vjp(primal_and_tangent, params, has_aux=True)
     else:
         out, pullback = vjp(call, params)
-        ones = _tree.tree_map(torch.ones_like, out)
+        ones = _outputs.tree_map(torch.ones_like, out)
         jv = vjp(lambda u: pullback(u)[0], ones)[1](v)[0]
     return out, jv, lambda u: pullback(u)[0]
 
@@ -70,7 +83,12 @@ def _output_hvp(where: str, loss_fn: Callable[[PyTree], torch.Tensor], mode: str
     "ZeroTensors are immutable" when ``L`` uses ``F.mse_loss`` (pytorch#123996).
     """
     if isinstance(loss_fn, Loss):
-        return loss_fn.hvp
+
+        def closed_form(out: PyTree, u: PyTree) -> PyTree:
+            part, embed = _outputs.loss_view(out)
+            return embed(loss_fn.hvp(part, _outputs.loss_view(u)[0]))
+
+        return closed_form
     if not callable(loss_fn):
         raise TypeError(
             f"{where}: loss_fn must be callable as loss_fn(outputs) -> scalar, got "
@@ -101,7 +119,7 @@ def _ggn_product(
     hvp_out = _output_hvp(where, loss_fn, mode)
 
     def product(params: PyTree, v: PyTree) -> PyTree:
-        out, jv, pullback = _linearise(lambda p: model_fn(p, *args), params, v, mode)
+        out, jv, pullback = _linearise(where, lambda p: model_fn(p, *args), params, v, mode)
         return pullback(hvp_out(out, jv))
 
     return product
