@@ -102,12 +102,14 @@ class Pass(NamedTuple):
     """Number of loss terms a ``"mean"`` reduction divides by (0-d int64); None for ``"sum"``."""
     rows: int
     """Rows (samples) of the model's outputs."""
+    positions: tuple[torch.Tensor, ...]
+    """Per block the number of input rows that count (0-d int64): padded rows excluded."""
 
 
 def _loss_terms(loss: Loss, out: torch.Tensor) -> torch.Tensor | None:
     if getattr(loss, "reduction", "mean") == "sum":
         return None
-    return torch.tensor(round(1.0 / loss.scale(out)), dtype=torch.int64, device=out.device)
+    return loss._mean_terms(out)
 
 
 def _sqrt_columns(
@@ -123,12 +125,13 @@ def _sqrt_columns(
         # because sum_j p_j = 1.
         p = torch.softmax(out, dim=-1)
         root_p = p.sqrt()
-        s = loss._q(out).sum(-1, keepdim=True).sqrt() if loss.target.is_floating_point() else None
+        # s_i: probability targets need not sum to one; an ignored index row has s_i = 0
+        s = loss._row_weights(out).sqrt()
         eye = torch.eye(out.shape[-1], dtype=out.dtype, device=out.device)
 
         def make(a: int, b: int) -> torch.Tensor:
             u = (eye[a:b].unsqueeze(1) - p.unsqueeze(0)) * root_p.T[a:b].unsqueeze(-1)
-            return u if s is None else u * s
+            return u * s
 
         return out.shape[-1], make
     if isinstance(loss, NLLLoss):  # linear in the outputs: no curvature
@@ -257,12 +260,36 @@ def collect(
             for block, ks in zip(layout.blocks, block_calls, strict=True)
         )
 
+    rows = out.shape[0] if out.dim() > 0 else 1
+    mask = loss._row_mask(out)
     inputs = tuple(
-        tuple(block_inputs(block, calls[c]) for c in ks)
+        tuple(_masked(block_inputs(block, calls[c]), mask) for c in ks)
         for block, ks in zip(layout.blocks, block_calls, strict=True)
     )
-    rows = out.shape[0] if out.dim() > 0 else 1
-    return Pass(layout, inputs, len(bounds), grads, weight, _loss_terms(loss, out), rows)
+    positions = tuple(sum(_count(a, mask) for a in block_ins) for block_ins in inputs)
+    return Pass(layout, inputs, len(bounds), grads, weight, _loss_terms(loss, out), rows, positions)
+
+
+def _aligned(a: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether a block input's ``N * P`` rows are the loss's rows (one token each)."""
+    return mask is not None and a.shape[0] * a.shape[1] == mask.shape[0]
+
+
+def _masked(a: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero the input rows of ignored loss rows (``ignore_index``): padding is not data.
+
+    Only where the layer's ``N * P`` rows are the loss's rows (per-token layers of a language
+    model whose logits are flattened to ``(B T, V)``); elsewhere every row counts.
+    """
+    if not _aligned(a, mask):
+        return a
+    return a * mask.reshape(a.shape[0], a.shape[1], 1, 1).to(a.dtype)
+
+
+def _count(a: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if not _aligned(a, mask):
+        return torch.tensor(a.shape[0] * a.shape[1], device=a.device)
+    return (mask != 0).sum()
 
 
 # ------------------------------------------------------------------------------ block algebra

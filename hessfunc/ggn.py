@@ -58,6 +58,7 @@ def _linearise(
     cotangent even though the map they compute is linear (``logcumsumexp``'s backward takes the
     log of ``|u|``, so at ``u = 0`` its linearisation is NaN or exactly zero).
     """
+
     def call(p: PyTree) -> PyTree:
         return _outputs.clean(where, model(p))
 

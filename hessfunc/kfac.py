@@ -316,11 +316,7 @@ def factor_sums(p: Pass, keep: bool = False) -> tuple[KFAC, list | None]:
     input_sums = tuple(
         sum(torch.einsum("npgi,npgj->gij", a, a) for a in calls) for calls in p.inputs
     )
-    ref = p.inputs[0][0]
-    positions = tuple(
-        torch.tensor(sum(a.shape[0] * a.shape[1] for a in calls), device=ref.device)
-        for calls in p.inputs
-    )
+    positions = p.positions
     grad_sums: list[Any] = [0] * len(p.inputs)
     kept = None
     for chunk in range(p.chunks):
