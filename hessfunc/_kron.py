@@ -224,10 +224,12 @@ def collect(
         )
     probes = [torch.zeros(c.out_shape, dtype=c.x.dtype, device=c.x.device) for c in calls]
 
+    flat = _outputs.Flattener(where, lambda p: model_fn(p, *args))
+
     def forward(pr: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         again: list[Call] = []
         with _context.attention_fastpath_off(), Recorder(leaves, again, {}, pr):
-            out = _outputs.clean(where, model_fn(params, *args))
+            out = flat.call(params)
         if len(again) != len(calls):
             raise RuntimeError(
                 f"{where}: model_fn called {len(again)} layers on the second run and "
@@ -237,7 +239,7 @@ def collect(
         return out, [c.x for c in again]
 
     full, pull_full, xs = vjp(forward, probes, has_aux=True)
-    out, embed = _outputs.loss_view(full)
+    out, embed = flat.loss_view(full)
     if not isinstance(out, torch.Tensor):
         raise TypeError(
             f"{where}: model_fn must return one tensor of outputs (samples along axis 0), or a "

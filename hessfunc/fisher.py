@@ -127,9 +127,10 @@ def fisher_vp(
     _checks.check_like(where, params, v)
 
     def product(mode: str) -> PyTree:
-        full, jv_full, pull_full = _linearise(where, lambda p: model_fn(p, *args), params, v, mode)
-        out, embed = _outputs.loss_view(full)
-        jv = _outputs.loss_view(jv_full)[0]
+        flat = _outputs.Flattener(where, lambda p: model_fn(p, *args))
+        full, jv_full, pull_full = _linearise(flat, params, v, mode)
+        out, embed = flat.loss_view(full)
+        jv = flat.loss_view(jv_full)[0]
 
         def pullback(c: PyTree) -> PyTree:
             return pull_full(embed(c))
@@ -141,7 +142,7 @@ def fisher_vp(
         shape = (mc_samples, *loss.noise_shape(out))
         u = noise
         if u is None:
-            ref = _outputs.first_leaf(out)
+            ref = flat.first(full)
             u = torch.rand(shape, generator=generator, dtype=ref.dtype, device=generator.device)
             u = u.to(ref.device)
         elif tuple(u.shape) != shape:

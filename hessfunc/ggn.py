@@ -41,13 +41,13 @@ __all__ = ["ggn_matrix", "ggn_vp", "ggn_vps"]
 
 
 def _linearise(
-    where: str, model: Callable[[PyTree], PyTree], params: PyTree, v: PyTree, mode: str
-) -> tuple[PyTree, PyTree, Callable[[PyTree], PyTree]]:
+    flat: _outputs.Flattener, params: PyTree, v: PyTree, mode: str
+) -> tuple[_outputs.Flat, _outputs.Flat, Callable[[_outputs.Flat], PyTree]]:
     """``(f, J v, u -> J^T u)`` at ``params`` from a single forward pass of the model.
 
-    The outputs go through :func:`hessfunc._outputs.clean` first (every floating tensor leaf of
-    any container torch's pytree knows; caches and other non-differentiable leaves become
-    ``None``), so tensors, tuples, dicts and ``ModelOutput``s behave the same in both modes.
+    Outputs travel as the flat tuple of their floating tensors (:mod:`hessfunc._outputs`), so
+    tensors, tuples, dicts, ``ModelOutput``s and outputs holding a cache behave the same in
+    both modes.
 
     ``"fwd-rev"``: the forward pass carries the tangent ``v`` (``jvp``) inside a ``vjp``; ``J v``
     leaves as auxiliary output, so the pullback only runs back through the primal outputs: a
@@ -58,26 +58,26 @@ def _linearise(
     cotangent even though the map they compute is linear (``logcumsumexp``'s backward takes the
     log of ``|u|``, so at ``u = 0`` its linearisation is NaN or exactly zero).
     """
-
-    def call(p: PyTree) -> PyTree:
-        return _outputs.clean(where, model(p))
-
     if mode == "fwd-rev":
 
         def primal_and_tangent(p: PyTree) -> tuple[PyTree, PyTree]:
-            return jvp(call, (p,), (v,))
+            return jvp(flat.call, (p,), (v,))
 
         out, pullback, jv = vjp(primal_and_tangent, params, has_aux=True)
     else:
-        out, pullback = vjp(call, params)
-        ones = _outputs.tree_map(torch.ones_like, out)
+        out, pullback = vjp(flat.call, params)
+        ones = tuple(torch.ones_like(x) for x in out)
         jv = vjp(lambda u: pullback(u)[0], ones)[1](v)[0]
     return out, jv, lambda u: pullback(u)[0]
 
 
-def _output_hvp(where: str, loss_fn: Callable[[PyTree], torch.Tensor], mode: str) -> Callable:
-    """Return ``(outputs, u) -> H_ℓ u``: closed form for hessfunc losses, else autodiff.
+def _output_hvp(
+    where: str, loss_fn: Callable[[PyTree], torch.Tensor], mode: str, flat: _outputs.Flattener
+) -> Callable[[_outputs.Flat, _outputs.Flat], _outputs.Flat]:
+    """Return ``(outputs, u) -> H_ℓ u`` on flat outputs: closed form or autodiff.
 
+    Closed form for hessfunc losses (on the part they read), else autodiff of ``loss_fn`` of the
+    rebuilt outputs.
     The autodiff product is a Hessian product in output space, so it follows the rule of
     :func:`hessfunc._context.traced_mode`: ``mode``'s path eagerly, reverse-over-reverse under
     compile. ``jvp`` of ``jacrev`` rather than of ``grad``: ``jvp(grad(L))`` raises
@@ -85,9 +85,9 @@ def _output_hvp(where: str, loss_fn: Callable[[PyTree], torch.Tensor], mode: str
     """
     if isinstance(loss_fn, Loss):
 
-        def closed_form(out: PyTree, u: PyTree) -> PyTree:
-            part, embed = _outputs.loss_view(out)
-            return embed(loss_fn.hvp(part, _outputs.loss_view(u)[0]))
+        def closed_form(out: _outputs.Flat, u: _outputs.Flat) -> _outputs.Flat:
+            part, embed = flat.loss_view(out)
+            return embed(loss_fn.hvp(part, flat.loss_view(u)[0]))
 
         return closed_form
     if not callable(loss_fn):
@@ -95,7 +95,8 @@ def _output_hvp(where: str, loss_fn: Callable[[PyTree], torch.Tensor], mode: str
             f"{where}: loss_fn must be callable as loss_fn(outputs) -> scalar, got "
             f"{type(loss_fn).__name__}. Close over the targets: lambda out: F.mse_loss(out, y)."
         )
-    grad_out = jacrev(_checks.scalar_fn(where, loss_fn))
+    checked = _checks.scalar_fn(where, loss_fn)
+    grad_out = jacrev(lambda out: checked(flat.rebuild(out)))
     if _context.traced_mode(mode) == "fwd-rev":
         return lambda out, u: jvp(grad_out, (out,), (u,))[1]
     return lambda out, u: vjp(grad_out, out)[1](u)[0]
@@ -117,10 +118,11 @@ def _ggn_product(
     args: tuple[Any, ...],
 ) -> Callable[[PyTree, PyTree], PyTree]:
     """``(params, v) -> G v``; call it through ``_context.evaluate``."""
-    hvp_out = _output_hvp(where, loss_fn, mode)
 
     def product(params: PyTree, v: PyTree) -> PyTree:
-        out, jv, pullback = _linearise(where, lambda p: model_fn(p, *args), params, v, mode)
+        flat = _outputs.Flattener(where, lambda p: model_fn(p, *args))
+        hvp_out = _output_hvp(where, loss_fn, mode, flat)
+        out, jv, pullback = _linearise(flat, params, v, mode)
         return pullback(hvp_out(out, jv))
 
     return product
