@@ -302,7 +302,10 @@ def gather(block: Block, leaves: list[torch.Tensor]) -> torch.Tensor:
     g, o = block.groups, block.out_features
     parts = []
     if block.weight is not None:
-        parts.append(leaves[block.weight].reshape(g, o, block.in_features))
+        w = leaves[block.weight]
+        if block.transposed:  # stored (in, out): the block is over W.T
+            w = w.mT
+        parts.append(w.reshape(g, o, block.in_features))
     if block.bias is not None:
         parts.append(leaves[block.bias].reshape(g, o, 1))
     return torch.cat(parts, -1) if len(parts) > 1 else parts[0]
@@ -323,7 +326,10 @@ def blockwise(
         m = block_fn(i, gather(block, leaves))
         d = block.in_features
         if block.weight is not None:
-            out[block.weight] = m[..., :d].reshape(leaves[block.weight].shape)
+            w = m[..., :d].reshape(block.out_features, d) if block.transposed else m[..., :d]
+            out[block.weight] = (w.mT if block.transposed else w).reshape(
+                leaves[block.weight].shape
+            )
         if block.bias is not None:
             out[block.bias] = m[..., d].reshape(leaves[block.bias].shape)
     out = [uncovered_fn(x) if y is None else y for x, y in zip(leaves, out, strict=True)]
@@ -361,12 +367,12 @@ def dense(
         r = torch.arange(o, device=ref.device).reshape(1, o, 1)
         j = torch.arange(block.size, device=ref.device).reshape(1, 1, -1)
         row = q * o + r
+        # entry (row, j) of the (out, in) arrangement; a transposed weight stores it at (j, row)
+        at = j * o + row if block.transposed else row * d + j
         if block.weight is not None and block.bias is not None:
-            idx = torch.where(
-                j < d, offsets[block.weight] + row * d + j, offsets[block.bias] + row + 0 * j
-            )
+            idx = torch.where(j < d, offsets[block.weight] + at, offsets[block.bias] + row + 0 * j)
         elif block.weight is not None:
-            idx = offsets[block.weight] + row * d + j
+            idx = offsets[block.weight] + at
         else:
             idx = offsets[block.bias] + row + 0 * j
         idx = idx.reshape(-1)

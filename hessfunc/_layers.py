@@ -3,7 +3,13 @@
 While a model function runs under :class:`Recorder` (a ``TorchFunctionMode``), every call of
 ``F.linear`` or ``F.conv1d/2d/3d`` whose weight or bias is one of the parameter leaves is
 recorded with its input, and any other torch function that receives a parameter leaf marks that
-leaf as used elsewhere. :func:`plan` turns one such run into a :class:`Layout`: the Kronecker
+leaf as used elsewhere. A 2-d leaf ``W`` stored ``(in, out)`` and applied as the right operand of
+a matrix product is the same linear layer with weight ``W.T``: ``x @ W``, ``torch.matmul(x, W)``,
+``torch.mm(x, W)``, and ``torch.addmm(b, x, W)`` with a 1-d bias ``b`` (transformers' GPT-2
+``Conv1D``). Such a call is recorded as ``F.linear`` with a *transposed* weight; its block keeps
+the ``(out, in)`` convention of ``F.linear`` (see :class:`Block`).
+
+:func:`plan` turns one such run into a :class:`Layout`: the Kronecker
 blocks (a weight with its bias folded in, a weight alone, or a bias alone) and the leaves that no
 block covers, each with the reason. :func:`block_inputs` and :func:`block_grads` bring a block's
 inputs and output gradients into one shape, ``(N, P, groups, features)``: samples, positions
@@ -28,7 +34,20 @@ from torch.overrides import TorchFunctionMode
 
 from . import _tree
 
-SUPPORTED = "F.linear / F.conv1d / F.conv2d / F.conv3d"
+SUPPORTED = "F.linear / F.conv1d / F.conv2d / F.conv3d / x @ W / torch.addmm(b, x, W)"
+
+_MATMULS = (torch.matmul, torch.mm, torch.Tensor.__matmul__, torch.Tensor.matmul, torch.Tensor.mm)
+_ADDMMS = (torch.addmm, torch.Tensor.addmm)
+_STACKED_FUNCS = ("__getitem__", "bmm", "baddbmm", "_grouped_mm", "grouped_mm", "index_select")
+
+
+def _stacked_reason(name: str) -> str:
+    return (
+        f"a stacked (3-d or more) weight used through {name}, as mixture-of-experts layers slice "
+        "w[e] or batch experts with bmm/grouped_mm: K-FAC has no per-expert block for it, so its "
+        "curvature is taken as zero. Give each expert its own parameter (one nn.Linear per "
+        "expert: one block each, built from the tokens routed to it), or use hessfunc.ggn_vp"
+    )
 
 
 def _op_dims(func: Any) -> int:
@@ -71,6 +90,8 @@ class Call(NamedTuple):
     """``(kernel, stride, padding, dilation, groups)`` for a convolution, ``()`` for linear."""
     out_shape: tuple[int, ...]
     """Shape of the layer's output."""
+    transposed: bool = False
+    """The weight is stored ``(in, out)`` and applied as ``x @ W`` (``F.linear`` with ``W.T``)."""
 
 
 class Recorder(TorchFunctionMode):
@@ -117,12 +138,48 @@ class Recorder(TorchFunctionMode):
                 if i is not None and i not in self.others:
                     # dynamo cannot trace string work on a builtin's name: the eager call names
                     # the function, a compiled one says only that there is another use
-                    self.others[i] = "" if self.ids is None else _name(func)
+                    if self.ids is None:
+                        self.others[i] = ""
+                    elif item.dim() >= 3 and _name(func).split(".")[-1] in _STACKED_FUNCS:
+                        self.others[i] = "stacked:" + _name(func)
+                    else:
+                        self.others[i] = _name(func)
+
+    def _right_operand(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """``(x, W index, b index)`` of ``x @ W`` / ``addmm(b, x, W)`` with a 2-d leaf ``W``."""
+        if func in _ADDMMS:
+            if len(args) > 3 or any(kwargs.get(k, 1) != 1 for k in ("beta", "alpha")):
+                return None
+            b, x, w = _arg(args, kwargs, 0, "input"), args[1:2], _arg(args, kwargs, 2, "mat2")
+            x = x[0] if x else kwargs.get("mat1")
+            bi = self.index(b)
+            if bi is not None and b.dim() != 1:
+                return None
+        elif func in _MATMULS and len(args) == 2 and not kwargs:
+            (x, w), b, bi = args, None, None
+        else:
+            return None
+        wi = self.index(w)
+        if wi is None or w.dim() != 2 or not isinstance(x, torch.Tensor) or x.dim() < 1:
+            return None
+        if self.index(x) is not None or (b is not None and bi is None):
+            return None  # a leaf on the left, or a bias that is not a leaf: not a layer
+        return x, wi, bi
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
     ) -> Any:
         kwargs = kwargs or {}
+        right = self._right_operand(func, args, kwargs)
+        if right is not None:
+            x, wi, bi = right
+            out = func(*args, **kwargs)
+            self.note(func, (x,))
+            k = len(self.calls)
+            self.calls.append(Call(0, wi, bi, x, (), tuple(out.shape), True))
+            if self.probes is not None:
+                out = out + self.probes[k]
+            return out
         dims = _op_dims(func)
         if dims >= 0:
             x = _arg(args, kwargs, 0, "input")
@@ -162,6 +219,10 @@ class Block:
     weight reshaped to ``(out_features, in_features)`` per channel group (a convolution's kernel
     flattened with its input channels, the unfold convention), with the bias as one more column
     when it is folded in. The block's curvature is ``⊕_groups G_g ⊗ A_g`` in that row-major order.
+
+    A ``transposed`` weight is stored ``(in_features, out_features)`` and applied as ``x @ W``
+    (``op == "matmul"``): its matrices are still arranged ``(out_features, size)``, over ``W.T``,
+    so in the ravel order of ``W`` itself the weight's curvature is ``A ⊗ G``.
     """
 
     weight: int | None
@@ -171,6 +232,7 @@ class Block:
     in_features: int
     op: str
     names: tuple[str, ...]
+    transposed: bool = False
 
     @property
     def size(self) -> int:
@@ -239,7 +301,9 @@ def plan(
 ) -> tuple[Layout, tuple[tuple[int, ...], ...]]:
     """The layout of one recorded run, and for each block the indices of its calls."""
     why: dict[int, str] = {
-        i: f"used by {name or 'another torch function (an eager call names it)'}, not only as "
+        i: _stacked_reason(name[len("stacked:") :])
+        if name.startswith("stacked:")
+        else f"used by {name or 'another torch function (an eager call names it)'}, not only as "
         f"the weight or bias of {SUPPORTED}"
         for i, name in others.items()
     }
@@ -251,11 +315,16 @@ def plan(
         if call.bias is not None:
             by_bias.setdefault(call.bias, []).append(k)
     for w, ks in by_weight.items():
-        kinds = {(calls[k].dims, calls[k].conv[-1] if calls[k].conv else 1) for k in ks}
+        kinds = {
+            (calls[k].dims, calls[k].conv[-1] if calls[k].conv else 1, calls[k].transposed)
+            for k in ks
+        }
         if w in by_bias:
             why.setdefault(w, "used both as a weight and as a bias")
         elif len(kinds) > 1:
-            why.setdefault(w, "used as the weight of layers of different kinds or groups")
+            why.setdefault(
+                w, "used as the weight of layers of different kinds, groups or orientations"
+            )
     for b in by_bias:
         if b in by_weight:
             why.setdefault(b, "used both as a weight and as a bias")
@@ -284,16 +353,21 @@ def plan(
     blocks = []
     for _, w, b, ks in specs:
         first = calls[ks[0]]
+        transposed = False
         if w is not None:
             shape = leaves[w].shape
             groups = first.conv[-1] if first.conv else 1
-            out_features = shape[0] // groups
-            in_features = math.prod(shape[1:])
-            op = "linear" if first.dims == 0 else f"conv{first.dims}d"
+            transposed = first.transposed
+            if transposed:  # stored (in, out), applied as x @ W
+                out_features, in_features, op = shape[1], shape[0], "matmul"
+            else:
+                out_features = shape[0] // groups
+                in_features = math.prod(shape[1:])
+                op = "linear" if first.dims == 0 else f"conv{first.dims}d"
         else:
             groups, out_features, in_features, op = 1, leaves[b].numel(), 0, "bias"
         names = tuple(paths[i] for i in (w, b) if i is not None)
-        blocks.append(Block(w, b, groups, out_features, in_features, op, names))
+        blocks.append(Block(w, b, groups, out_features, in_features, op, names, transposed))
     covered = {i for _, w, b, _ in specs for i in (w, b) if i is not None}
     missing = [i for i in range(len(leaves)) if i not in covered]
     unused = "not passed to any torch function while model_fn ran (no curvature)"
