@@ -303,6 +303,8 @@ def gather(block: Block, leaves: list[torch.Tensor]) -> torch.Tensor:
     parts = []
     if block.weight is not None:
         w = leaves[block.weight]
+        if block.expert is not None:  # one expert's slice of a stacked weight
+            w = w[block.expert]
         if block.transposed:  # stored (in, out): the block is over W.T
             w = w.mT
         parts.append(w.reshape(g, o, block.in_features))
@@ -322,16 +324,23 @@ def blockwise(
     """Apply ``block_fn(i, matrices)`` to every block of ``tree``, ``uncovered_fn`` elsewhere."""
     leaves = layout.check(where, name, tree)
     out: list[torch.Tensor | None] = [None] * len(leaves)
+    experts: dict[int, dict[int, torch.Tensor]] = {}
     for i, block in enumerate(layout.blocks):
         m = block_fn(i, gather(block, leaves))
         d = block.in_features
         if block.weight is not None:
             w = m[..., :d].reshape(block.out_features, d) if block.transposed else m[..., :d]
-            out[block.weight] = (w.mT if block.transposed else w).reshape(
-                leaves[block.weight].shape
-            )
+            w = w.mT if block.transposed else w
+            if block.expert is None:
+                out[block.weight] = w.reshape(leaves[block.weight].shape)
+            else:
+                shape = leaves[block.weight].shape[1:]
+                experts.setdefault(block.weight, {})[block.expert] = w.reshape(shape)
         if block.bias is not None:
             out[block.bias] = m[..., d].reshape(leaves[block.bias].shape)
+    for w, done in experts.items():  # experts no token reached: as uncovered leaves
+        x = leaves[w]
+        out[w] = torch.stack([done.get(e, uncovered_fn(x[e])) for e in range(x.shape[0])])
     out = [uncovered_fn(x) if y is None else y for x, y in zip(leaves, out, strict=True)]
     return _tree.tree_unflatten(_tree.tree_structure(tree), out)
 
@@ -369,6 +378,8 @@ def dense(
         row = q * o + r
         # entry (row, j) of the (out, in) arrangement; a transposed weight stores it at (j, row)
         at = j * o + row if block.transposed else row * d + j
+        if block.expert is not None:  # the slice's place inside the stacked leaf
+            at = at + block.expert * g * o * d
         if block.weight is not None and block.bias is not None:
             idx = torch.where(j < d, offsets[block.weight] + at, offsets[block.bias] + row + 0 * j)
         elif block.weight is not None:

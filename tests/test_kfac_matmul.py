@@ -151,26 +151,106 @@ def test_weight_on_the_left_or_scaled_addmm_is_not_a_layer():
         hessfunc.kfac(scaled, CrossEntropyLoss(y), p, X)
 
 
-def test_stacked_expert_weights_are_uncovered_with_the_way_out():
+def _moe_params(stacked: bool):
     g = torch.Generator().manual_seed(3)
-    p = {
-        "router": torch.randn(2, 4, generator=g),
-        "experts": torch.randn(2, 3, 4, generator=g),
-        "head": torch.randn(3, 3, generator=g),
+    router = torch.randn(3, 4, generator=g)
+    experts = torch.randn(3, 5, 4, generator=g) / 2
+    head = torch.randn(3, 5, generator=g)
+    if stacked:
+        return {"router": router, "experts": experts, "head": head}
+    return {"router": router, **{f"e{e}": experts[e] for e in range(3)}, "head": head}
+
+
+def moe(p, X):
+    """Top-1 routing written like transformers' eager experts: w[e] for each expert hit."""
+    gate = torch.softmax(F.linear(X, p["router"]), -1)
+    top = gate.argmax(-1)
+    h = torch.zeros(X.shape[0], 5)
+    for e in torch.unique(top):  # a 0-d tensor index, as transformers' loop has
+        rows = torch.where(top == e)[0]
+        w = p["experts"][e] if "experts" in p else p[f"e{int(e)}"]
+        out = F.linear(X[rows], w) * gate[rows, e].unsqueeze(-1)
+        h = h.index_add(0, rows, out)
+    return F.linear(torch.tanh(h), p["head"])
+
+
+def test_stacked_experts_get_one_block_per_expert_from_their_tokens():
+    """= K-FAC of the same experts as separate parameters (same ravel order), an idle one too."""
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(9, 4, generator=g)
+    X[:, 0] += 3.0  # the router sends no token to one of the experts
+    y = torch.randint(0, 3, (9,), generator=g)
+    stacked, separate = _moe_params(True), _moe_params(False)
+    top = torch.softmax(F.linear(X, stacked["router"]), -1).argmax(-1)
+    hit = sorted(set(top.tolist()))
+    assert 1 <= len(hit) < 3, hit
+    loss = CrossEntropyLoss(y)
+    K = hessfunc.kfac(moe, loss, stacked, X)
+    R = hessfunc.kfac(moe, loss, separate, X)
+    assert [b.op for b in K.layout.blocks] == ["linear"] + [f"linear[expert {e}]" for e in hit] + [
+        "linear"
+    ]
+    assert K.covered == ("['router']", "['experts']", "['head']")
+    D, ref = K.dense(), R.dense()
+    assert ref.abs().max() > 1e-3
+    torch.testing.assert_close(D, ref, **EXACT)
+    v = _tree.random_like(stacked, torch.Generator().manual_seed(5))
+    v_sep = {
+        "router": v["router"],
+        **{f"e{e}": v["experts"][e] for e in range(3)},
+        "head": v["head"],
     }
-    X = torch.randn(6, 4, generator=g)
-    y = torch.randint(0, 3, (6,), generator=g)
+    for got, want in (
+        (K.matvec(v), R.matvec(v_sep)),
+        (K.solve(v, damping=0.1), R.solve(v_sep, damping=0.1)),
+    ):
+        torch.testing.assert_close(_tree.ravel(got)[0], _tree.ravel(want)[0], **EXACT)
 
-    def moe(p, X):
+
+def test_batched_expert_weights_are_uncovered_with_the_way_out():
+    p = _moe_params(True)
+    p["experts"] = p["experts"].mT.contiguous()  # stored (E, in, out) for bmm
+    X = torch.randn(6, 4, generator=torch.Generator().manual_seed(6))
+    y = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(7))
+
+    def dense_moe(p, X):  # every expert on every token at once, softly gated
         gate = torch.softmax(F.linear(X, p["router"]), -1)
-        h = sum(gate[:, e : e + 1] * F.linear(X, p["experts"][e]) for e in range(2))
-        return F.linear(torch.tanh(h), p["head"])
+        h = torch.bmm(X.unsqueeze(0).expand(3, -1, -1), p["experts"])  # (E, N, 5)
+        return F.linear(torch.tanh((gate.T.unsqueeze(-1) * h).sum(0)), p["head"])
 
-    K = hessfunc.kfac(moe, CrossEntropyLoss(y), p, X)
+    K = hessfunc.kfac(dense_moe, CrossEntropyLoss(y), p, X)
     assert K.covered == ("['router']", "['head']")
     ((path, why),) = K.uncovered
     assert path == "['experts']"
-    assert "stacked" in why and "one nn.Linear per expert" in why
+    assert "stacked" in why and "Loop over the experts" in why
+
+
+def test_mixtral_eager_experts_get_one_block_per_routed_expert():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.MixtralConfig(
+        num_hidden_layers=1, hidden_size=16, intermediate_size=8, num_attention_heads=2,
+        num_key_value_heads=2, vocab_size=30, num_local_experts=3, num_experts_per_tok=2,
+        max_position_embeddings=16, attn_implementation="eager", experts_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    net = transformers.MixtralForCausalLM(cfg).double().eval()
+    apply, params = hessfunc.from_module(net)
+    ids = torch.randint(0, 30, (2, 5), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 30, (10,), generator=torch.Generator().manual_seed(2))
+    K = hessfunc.kfac(
+        lambda p, i: apply(p, i, use_cache=False).logits.reshape(-1, 30),
+        CrossEntropyLoss(y),
+        params,
+        ids,
+    )
+    covered = set(K.covered)
+    for name in ("gate_up_proj", "down_proj"):
+        path = f"['model.layers.0.mlp.experts.{name}']"
+        assert path in covered
+        blocks = [i for i, b in enumerate(K.layout.blocks) if b.names == (path,)]
+        assert all(K.layout.blocks[i].op.startswith("linear[expert ") for i in blocks)
+        # every token goes to 2 experts: the experts' rows add up to 2 x 10 tokens
+        assert sum(int(K.positions[i]) for i in blocks) == 20
 
 
 def test_gpt2_conv1d_matches_its_linear_rewrite():
