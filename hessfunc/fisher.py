@@ -23,6 +23,10 @@ Products are formed in output space: :math:`\nabla_\theta \ell_i = J_i^\top r_i`
 J_i v)`: one ``jvp``, per-sample dot products of size ``C``, one ``vjp``. No per-sample
 parameter gradient is materialised. This needs row ``i`` of the outputs to depend on sample ``i``
 only (no batch statistics, no attention across the batch).
+
+Outputs may be a container (a dict or a transformers ``ModelOutput``, caches dropped): the loss
+reads its ``"logits"`` entry, as for :func:`hessfunc.ggn_vp`. With ``ignore_index`` in the loss,
+ignored rows contribute nothing and :math:`c = 1/N_{\text{kept}}` for ``"mean"``.
 """
 
 from __future__ import annotations

@@ -142,7 +142,10 @@ def ggn_vp(
     Jacobian is never formed and one forward pass of the model serves both directions.
 
     Args:
-        model_fn: ``model_fn(params, *args) -> outputs``, any pytree of tensors.
+        model_fn: ``model_fn(params, *args) -> outputs``: a tensor, or any container torch's
+            pytree knows (tuples, dicts, a ``ModelOutput``); leaves that are not floating
+            tensors (a cache) are dropped and ``loss_fn`` sees ``None`` there. A loss object
+            reads the tensor or its ``"logits"`` entry.
         loss_fn: ``loss_fn(outputs) -> scalar``: a :mod:`hessfunc.losses` object (closed-form
             output curvature) or any callable with the targets closed over (autodiff).
         params: a pytree of floating tensors.

@@ -366,7 +366,8 @@ def kfac(
     tokens, every token is a sample, and the factors follow curvlinops' conventions.
 
     Args:
-        model_fn: ``model_fn(params, *args) -> outputs``, one tensor with samples on axis 0.
+        model_fn: ``model_fn(params, *args) -> outputs``, one tensor with samples on axis 0,
+            or a container (dict, ``ModelOutput``) whose ``"logits"`` entry is that tensor.
         loss_fn: a :mod:`hessfunc.losses` object holding the targets (its reduction sets
             :math:`c`).
         params: a pytree of floating tensors.

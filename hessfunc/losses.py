@@ -14,6 +14,11 @@ curvature and, being a negative log-likelihood, the predictive distribution of t
   the batch, and ``1 / outputs.numel()`` for the element-wise losses, which average over every
   element as ``F.mse_loss`` does).
 
+Language models: :class:`CrossEntropyLoss` and :class:`NLLLoss` take ``ignore_index``
+(default ``-100``, as torch) for padded token batches: ignored rows have no loss, curvature or
+sampled target, and ``"mean"`` divides by the number of the other rows, so ``scale`` is then a
+0-d tensor. Flatten ``(B, T, V)`` logits to ``(B T, V)`` first.
+
 Row ``i`` of the outputs (axis 0) is sample ``i``. Every method validates shapes and dtypes only,
 so a loss built inside a function compiled with ``torch.compile(fullgraph=True)`` traces.
 ``sample`` takes a ``torch.Generator``, which Dynamo cannot trace; its deterministic half,

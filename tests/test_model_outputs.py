@@ -199,3 +199,19 @@ def test_transformers_classifier_output_feeds_a_loss_object():
     for mode in ("fwd-rev", "rev-rev"):
         got = hessfunc.ggn_vp(apply, loss, params, v, ids, mode=mode)
         assert_close(_flat(got), _flat(ref))
+
+
+def test_influence_kfac_solver_reads_container_outputs():
+    p, X, y = _setup()
+    loss = lambda p, X, y: F.cross_entropy(as_tensor(p, X), y)  # noqa: E731
+    scores = {}
+    for name, model in (("tensor", as_tensor), ("dict", as_dict)):
+        opts = {
+            "model_fn": lambda p, X, y, m=model: m(p, X),
+            "loss_fn": lambda X, y: CrossEntropyLoss(y),
+        }
+        scores[name] = hessfunc.influence(
+            loss, p, (X, y), (X[:2], y[:2]), damping=0.1, solver="kfac", solver_options=opts
+        )
+    assert scores["tensor"].abs().max() > 1e-3
+    assert_close(scores["dict"], scores["tensor"])
