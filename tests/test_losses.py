@@ -310,6 +310,9 @@ def test_bad_inputs_raise_clear_errors():
         losses.CrossEntropyLoss(probs)(out[:, :3])
     with pytest.raises(ValueError, match="label_smoothing"):
         losses.CrossEntropyLoss(labels, label_smoothing=1.5)
+    for cls in (losses.CrossEntropyLoss, losses.NLLLoss):
+        with pytest.raises(TypeError, match="ignore_index must be an int"):
+            cls(labels, ignore_index=torch.tensor(-100))
     with pytest.raises(TypeError, match="floating-point"):
         losses.BCEWithLogitsLoss(y)(labels.reshape(N, 1).expand(N, C))
     with pytest.raises(ValueError, match="var of shape"):

@@ -215,3 +215,18 @@ def test_influence_kfac_solver_reads_container_outputs():
         )
     assert scores["tensor"].abs().max() > 1e-3
     assert_close(scores["dict"], scores["tensor"])
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_container_outputs_compile_with_fullgraph(kind):
+    """A dict holding an opaque cache, and a registered dataclass, trace without a break."""
+    p, X, y = _setup()
+    v = _tree.random_like(p, torch.Generator().manual_seed(1))
+    model = MODELS[kind]
+
+    def product(p, v, X, y):
+        return hessfunc.ggn_vp(model, CrossEntropyLoss(y), p, v, X)
+
+    got = torch.compile(product, fullgraph=True)(p, v, X, y)
+    assert_close(_flat(got), _flat(product(p, v, X, y)))
