@@ -28,7 +28,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch.func import vjp, vmap
 
-from . import _checks, _context, _memory, _tree
+from . import _checks, _context, _memory, _outputs, _tree
 from ._layers import SUPPORTED, Block, Call, Layout, Recorder, block_grads, block_inputs, plan
 from ._types import PyTree
 from .losses import (
@@ -103,12 +103,14 @@ class Pass(NamedTuple):
     """Number of loss terms a ``"mean"`` reduction divides by (0-d int64); None for ``"sum"``."""
     rows: int
     """Rows (samples) of the model's outputs."""
+    positions: tuple[torch.Tensor, ...]
+    """Per block the number of input rows that count (0-d int64): padded rows excluded."""
 
 
 def _loss_terms(loss: Loss, out: torch.Tensor) -> torch.Tensor | None:
     if getattr(loss, "reduction", "mean") == "sum":
         return None
-    return torch.tensor(round(1.0 / loss.scale(out)), dtype=torch.int64, device=out.device)
+    return loss._mean_terms(out)
 
 
 def _sqrt_columns(
@@ -124,12 +126,13 @@ def _sqrt_columns(
         # because sum_j p_j = 1.
         p = torch.softmax(out, dim=-1)
         root_p = p.sqrt()
-        s = loss._q(out).sum(-1, keepdim=True).sqrt() if loss.target.is_floating_point() else None
+        # s_i: probability targets need not sum to one; an ignored index row has s_i = 0
+        s = loss._row_weights(out).sqrt()
         eye = torch.eye(out.shape[-1], dtype=out.dtype, device=out.device)
 
         def make(a: int, b: int) -> torch.Tensor:
             u = (eye[a:b].unsqueeze(1) - p.unsqueeze(0)) * root_p.T[a:b].unsqueeze(-1)
-            return u if s is None else u * s
+            return u * s
 
         return out.shape[-1], make
     if isinstance(loss, NLLLoss):  # linear in the outputs: no curvature
@@ -222,10 +225,12 @@ def collect(
         )
     probes = [torch.zeros(c.out_shape, dtype=c.x.dtype, device=c.x.device) for c in calls]
 
+    flat = _outputs.Flattener(where, lambda p: model_fn(p, *args))
+
     def forward(pr: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         again: list[Call] = []
         with _context.attention_fastpath_off(), Recorder(leaves, again, {}, pr):
-            out = model_fn(params, *args)
+            out = flat.call(params)
         if len(again) != len(calls):
             raise RuntimeError(
                 f"{where}: model_fn called {len(again)} layers on the second run and "
@@ -234,12 +239,17 @@ def collect(
             )
         return out, [c.x for c in again]
 
-    out, pullback, xs = vjp(forward, probes, has_aux=True)
+    full, pull_full, xs = vjp(forward, probes, has_aux=True)
+    out, embed = flat.loss_view(full)
     if not isinstance(out, torch.Tensor):
         raise TypeError(
-            f"{where}: model_fn must return one tensor of outputs (samples along axis 0), got "
-            f"{type(out).__name__}."
+            f"{where}: model_fn must return one tensor of outputs (samples along axis 0), or a "
+            f"container whose 'logits' entry is that tensor; got {type(out).__name__}."
         )
+
+    def pullback(c: torch.Tensor) -> Any:
+        return pull_full(embed(c))
+
     calls = [c._replace(x=x) for c, x in zip(calls, xs, strict=True)]
     k, weight, make = _columns(where, loss, out, fisher, generator, noise, mc_samples)
     step = k if chunk_size is None else min(chunk_size, k)
@@ -253,12 +263,36 @@ def collect(
             for block, ks in zip(layout.blocks, block_calls, strict=True)
         )
 
+    rows = out.shape[0] if out.dim() > 0 else 1
+    mask = loss._row_mask(out)
     inputs = tuple(
-        tuple(block_inputs(block, calls[c]) for c in ks)
+        tuple(_masked(block_inputs(block, calls[c]), mask) for c in ks)
         for block, ks in zip(layout.blocks, block_calls, strict=True)
     )
-    rows = out.shape[0] if out.dim() > 0 else 1
-    return Pass(layout, inputs, len(bounds), grads, weight, _loss_terms(loss, out), rows)
+    positions = tuple(sum(_count(a, mask) for a in block_ins) for block_ins in inputs)
+    return Pass(layout, inputs, len(bounds), grads, weight, _loss_terms(loss, out), rows, positions)
+
+
+def _aligned(a: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether a block input's ``N * P`` rows are the loss's rows (one token each)."""
+    return mask is not None and a.shape[0] * a.shape[1] == mask.shape[0]
+
+
+def _masked(a: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero the input rows of ignored loss rows (``ignore_index``): padding is not data.
+
+    Only where the layer's ``N * P`` rows are the loss's rows (per-token layers of a language
+    model whose logits are flattened to ``(B T, V)``); elsewhere every row counts.
+    """
+    if not _aligned(a, mask):
+        return a
+    return a * mask.reshape(a.shape[0], a.shape[1], 1, 1).to(a.dtype)
+
+
+def _count(a: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if not _aligned(a, mask):
+        return torch.tensor(a.shape[0] * a.shape[1], device=a.device)
+    return (mask != 0).sum()
 
 
 # ------------------------------------------------------------------------------ block algebra
@@ -269,7 +303,12 @@ def gather(block: Block, leaves: list[torch.Tensor]) -> torch.Tensor:
     g, o = block.groups, block.out_features
     parts = []
     if block.weight is not None:
-        parts.append(leaves[block.weight].reshape(g, o, block.in_features))
+        w = leaves[block.weight]
+        if block.expert is not None:  # one expert's slice of a stacked weight
+            w = w[block.expert]
+        if block.transposed:  # stored (in, out): the block is over W.T
+            w = w.mT
+        parts.append(w.reshape(g, o, block.in_features))
     if block.bias is not None:
         parts.append(leaves[block.bias].reshape(g, o, 1))
     return torch.cat(parts, -1) if len(parts) > 1 else parts[0]
@@ -286,13 +325,23 @@ def blockwise(
     """Apply ``block_fn(i, matrices)`` to every block of ``tree``, ``uncovered_fn`` elsewhere."""
     leaves = layout.check(where, name, tree)
     out: list[torch.Tensor | None] = [None] * len(leaves)
+    experts: dict[int, dict[int, torch.Tensor]] = {}
     for i, block in enumerate(layout.blocks):
         m = block_fn(i, gather(block, leaves))
         d = block.in_features
         if block.weight is not None:
-            out[block.weight] = m[..., :d].reshape(leaves[block.weight].shape)
+            w = m[..., :d].reshape(block.out_features, d) if block.transposed else m[..., :d]
+            w = w.mT if block.transposed else w
+            if block.expert is None:
+                out[block.weight] = w.reshape(leaves[block.weight].shape)
+            else:
+                shape = leaves[block.weight].shape[1:]
+                experts.setdefault(block.weight, {})[block.expert] = w.reshape(shape)
         if block.bias is not None:
             out[block.bias] = m[..., d].reshape(leaves[block.bias].shape)
+    for w, done in experts.items():  # experts no token reached: as uncovered leaves
+        x = leaves[w]
+        out[w] = torch.stack([done.get(e, uncovered_fn(x[e])) for e in range(x.shape[0])])
     out = [uncovered_fn(x) if y is None else y for x, y in zip(leaves, out, strict=True)]
     return _tree.tree_unflatten(_tree.tree_structure(tree), out)
 
@@ -328,12 +377,14 @@ def dense(
         r = torch.arange(o, device=ref.device).reshape(1, o, 1)
         j = torch.arange(block.size, device=ref.device).reshape(1, 1, -1)
         row = q * o + r
+        # entry (row, j) of the (out, in) arrangement; a transposed weight stores it at (j, row)
+        at = j * o + row if block.transposed else row * d + j
+        if block.expert is not None:  # the slice's place inside the stacked leaf
+            at = at + block.expert * g * o * d
         if block.weight is not None and block.bias is not None:
-            idx = torch.where(
-                j < d, offsets[block.weight] + row * d + j, offsets[block.bias] + row + 0 * j
-            )
+            idx = torch.where(j < d, offsets[block.weight] + at, offsets[block.bias] + row + 0 * j)
         elif block.weight is not None:
-            idx = offsets[block.weight] + row * d + j
+            idx = offsets[block.weight] + at
         else:
             idx = offsets[block.bias] + row + 0 * j
         idx = idx.reshape(-1)

@@ -3,7 +3,13 @@
 While a model function runs under :class:`Recorder` (a ``TorchFunctionMode``), every call of
 ``F.linear`` or ``F.conv1d/2d/3d`` whose weight or bias is one of the parameter leaves is
 recorded with its input, and any other torch function that receives a parameter leaf marks that
-leaf as used elsewhere. :func:`plan` turns one such run into a :class:`Layout`: the Kronecker
+leaf as used elsewhere. A 2-d leaf ``W`` stored ``(in, out)`` and applied as the right operand of
+a matrix product is the same linear layer with weight ``W.T``: ``x @ W``, ``torch.matmul(x, W)``,
+``torch.mm(x, W)``, and ``torch.addmm(b, x, W)`` with a 1-d bias ``b`` (transformers' GPT-2
+``Conv1D``). Such a call is recorded as ``F.linear`` with a *transposed* weight; its block keeps
+the ``(out, in)`` convention of ``F.linear`` (see :class:`Block`).
+
+:func:`plan` turns one such run into a :class:`Layout`: the Kronecker
 blocks (a weight with its bias folded in, a weight alone, or a bias alone) and the leaves that no
 block covers, each with the reason. :func:`block_inputs` and :func:`block_grads` bring a block's
 inputs and output gradients into one shape, ``(N, P, groups, features)``: samples, positions
@@ -28,7 +34,25 @@ from torch.overrides import TorchFunctionMode
 
 from . import _tree
 
-SUPPORTED = "F.linear / F.conv1d / F.conv2d / F.conv3d"
+SUPPORTED = "F.linear / F.conv1d / F.conv2d / F.conv3d / x @ W / torch.addmm(b, x, W)"
+
+_MATMULS = (torch.matmul, torch.mm, torch.Tensor.__matmul__, torch.Tensor.matmul, torch.Tensor.mm)
+_ADDMMS = (torch.addmm, torch.Tensor.addmm)
+_STACKED_FUNCS = (
+    "__getitem__", "bmm", "baddbmm", "_grouped_mm", "grouped_mm", "index_select", "transpose",
+    "mT", "permute",
+)  # fmt: skip
+
+
+def _stacked_reason(name: str) -> str:
+    return (
+        f"a stacked (3-d or more) weight used through {name}: K-FAC has a block per expert only "
+        "where each expert's slice w[e] (one integer index, as a loop over experts does) is the "
+        "weight of F.linear or the right operand of x @ w[e]; batched experts (bmm, grouped_mm, "
+        "gathered w[idx]) have none, so its curvature is taken as zero. Loop over the experts "
+        "(transformers' eager experts implementation), give each expert its own parameter, or "
+        "use hessfunc.ggn_vp"
+    )
 
 
 def _op_dims(func: Any) -> int:
@@ -71,6 +95,10 @@ class Call(NamedTuple):
     """``(kernel, stride, padding, dilation, groups)`` for a convolution, ``()`` for linear."""
     out_shape: tuple[int, ...]
     """Shape of the layer's output."""
+    transposed: bool = False
+    """The weight is stored ``(in, out)`` and applied as ``x @ W`` (``F.linear`` with ``W.T``)."""
+    expert: int | None = None
+    """The weight is slice ``W[expert]`` of a stacked (mixture-of-experts) leaf, else None."""
 
 
 class Recorder(TorchFunctionMode):
@@ -97,6 +125,34 @@ class Recorder(TorchFunctionMode):
         self.ids = (
             None if torch.compiler.is_compiling() else {id(t): i for i, t in enumerate(leaves)}
         )
+        # eager only: id of a slice w[e] of a stacked leaf -> (slice, leaf index, e)
+        self.slices: dict[int, tuple[torch.Tensor, int, int]] = {}
+
+    def weight_of(self, t: Any) -> tuple[int | None, int | None]:
+        """``(leaf, expert)`` of a weight: a leaf itself, or a slice ``leaf[e]`` of one."""
+        i = self.index(t)
+        if i is not None or not isinstance(t, torch.Tensor):
+            return i, None
+        hit = self.slices.get(id(t))
+        if hit is not None and hit[0] is t:
+            return hit[1], hit[2]
+        return None, None
+
+    def _expert_slice(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """``w[e]`` of a stacked (3-d or more) leaf with one integer index, recorded."""
+        if self.ids is None or func is not torch.Tensor.__getitem__ or len(args) != 2 or kwargs:
+            return None
+        w, e = args
+        i = self.index(w)
+        if i is None or w.dim() < 3:
+            return None
+        if isinstance(e, torch.Tensor) and e.dim() == 0 and not e.is_floating_point():
+            e = int(e)  # eager only: the expert a router picked (transformers' MoE loops)
+        if isinstance(e, bool) or not isinstance(e, int):
+            return None
+        out = func(*args)
+        self.slices[id(out)] = (out, i, e % w.shape[0])
+        return out
 
     def index(self, t: Any) -> int | None:
         if not isinstance(t, torch.Tensor):
@@ -114,21 +170,64 @@ class Recorder(TorchFunctionMode):
             items = value if isinstance(value, (list, tuple)) else (value,)
             for item in items:
                 i = self.index(item)
+                if i is None and self.slices and isinstance(item, torch.Tensor):
+                    hit = self.slices.get(id(item))
+                    if hit is not None and hit[0] is item and hit[1] not in self.others:
+                        self.others[hit[1]] = "stacked:" + _name(func)  # a slice used otherwise
                 if i is not None and i not in self.others:
                     # dynamo cannot trace string work on a builtin's name: the eager call names
                     # the function, a compiled one says only that there is another use
-                    self.others[i] = "" if self.ids is None else _name(func)
+                    if self.ids is None:
+                        self.others[i] = ""
+                    elif item.dim() >= 3 and _name(func).split(".")[-1] in _STACKED_FUNCS:
+                        self.others[i] = "stacked:" + _name(func)
+                    else:
+                        self.others[i] = _name(func)
+
+    def _right_operand(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """``(x, (W leaf, expert), b index)`` of ``x @ W`` / ``addmm(b, x, W)``, ``W`` 2-d."""
+        if func in _ADDMMS:
+            if len(args) > 3 or any(kwargs.get(k, 1) != 1 for k in ("beta", "alpha")):
+                return None
+            b, x, w = _arg(args, kwargs, 0, "input"), args[1:2], _arg(args, kwargs, 2, "mat2")
+            x = x[0] if x else kwargs.get("mat1")
+            bi = self.index(b)
+            if bi is not None and b.dim() != 1:
+                return None
+        elif func in _MATMULS and len(args) == 2 and not kwargs:
+            (x, w), b, bi = args, None, None
+        else:
+            return None
+        wi = self.weight_of(w)
+        if wi[0] is None or w.dim() != 2 or not isinstance(x, torch.Tensor) or x.dim() < 1:
+            return None
+        if self.weight_of(x)[0] is not None or (b is not None and bi is None):
+            return None  # a leaf on the left, or a bias that is not a leaf: not a layer
+        return x, wi, bi
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
     ) -> Any:
         kwargs = kwargs or {}
+        sliced = self._expert_slice(func, args, kwargs)
+        if sliced is not None:
+            return sliced
+        right = self._right_operand(func, args, kwargs)
+        if right is not None:
+            x, (wi, e), bi = right
+            out = func(*args, **kwargs)
+            self.note(func, (x,))
+            k = len(self.calls)
+            self.calls.append(Call(0, wi, bi, x, (), tuple(out.shape), True, e))
+            if self.probes is not None:
+                out = out + self.probes[k]
+            return out
         dims = _op_dims(func)
         if dims >= 0:
             x = _arg(args, kwargs, 0, "input")
             w = _arg(args, kwargs, 1, "weight")
             b = _arg(args, kwargs, 2, "bias")
-            wi, bi = self.index(w), self.index(b)
+            (wi, e), bi = self.weight_of(w), self.index(b)
             if wi is not None or bi is not None:
                 out = func(*args, **kwargs)
                 conv = ()
@@ -142,7 +241,7 @@ class Recorder(TorchFunctionMode):
                     )
                 self.note(func, (x,))
                 k = len(self.calls)
-                self.calls.append(Call(dims, wi, bi, x, conv, tuple(out.shape)))
+                self.calls.append(Call(dims, wi, bi, x, conv, tuple(out.shape), False, e))
                 if self.probes is not None:
                     out = out + self.probes[k]
                 return out
@@ -162,6 +261,10 @@ class Block:
     weight reshaped to ``(out_features, in_features)`` per channel group (a convolution's kernel
     flattened with its input channels, the unfold convention), with the bias as one more column
     when it is folded in. The block's curvature is ``⊕_groups G_g ⊗ A_g`` in that row-major order.
+
+    A ``transposed`` weight is stored ``(in_features, out_features)`` and applied as ``x @ W``
+    (``op == "matmul"``): its matrices are still arranged ``(out_features, size)``, over ``W.T``,
+    so in the ravel order of ``W`` itself the weight's curvature is ``A ⊗ G``.
     """
 
     weight: int | None
@@ -171,6 +274,9 @@ class Block:
     in_features: int
     op: str
     names: tuple[str, ...]
+    transposed: bool = False
+    expert: int | None = None
+    """For a stacked (mixture-of-experts) leaf: the block covers its slice ``weight[expert]``."""
 
     @property
     def size(self) -> int:
@@ -239,62 +345,83 @@ def plan(
 ) -> tuple[Layout, tuple[tuple[int, ...], ...]]:
     """The layout of one recorded run, and for each block the indices of its calls."""
     why: dict[int, str] = {
-        i: f"used by {name or 'another torch function (an eager call names it)'}, not only as "
+        i: _stacked_reason(name[len("stacked:") :])
+        if name.startswith("stacked:")
+        else f"used by {name or 'another torch function (an eager call names it)'}, not only as "
         f"the weight or bias of {SUPPORTED}"
         for i, name in others.items()
     }
-    by_weight: dict[int, list[int]] = {}
+    by_weight: dict[tuple[int, int | None], list[int]] = {}  # (leaf, expert) -> calls
     by_bias: dict[int, list[int]] = {}
     for k, call in enumerate(calls):
         if call.weight is not None:
-            by_weight.setdefault(call.weight, []).append(k)
+            by_weight.setdefault((call.weight, call.expert), []).append(k)
         if call.bias is not None:
             by_bias.setdefault(call.bias, []).append(k)
-    for w, ks in by_weight.items():
-        kinds = {(calls[k].dims, calls[k].conv[-1] if calls[k].conv else 1) for k in ks}
+    experts: dict[int, set[int | None]] = {}
+    for w, e in by_weight:
+        experts.setdefault(w, set()).add(e)
+    for (w, _), ks in by_weight.items():
+        kinds = {
+            (calls[k].dims, calls[k].conv[-1] if calls[k].conv else 1, calls[k].transposed)
+            for k in ks
+        }
         if w in by_bias:
             why.setdefault(w, "used both as a weight and as a bias")
         elif len(kinds) > 1:
-            why.setdefault(w, "used as the weight of layers of different kinds or groups")
+            why.setdefault(
+                w, "used as the weight of layers of different kinds, groups or orientations"
+            )
+        elif None in experts[w] and len(experts[w]) > 1:
+            why.setdefault(w, "used as a weight both whole and sliced per expert (w[e])")
     for b in by_bias:
-        if b in by_weight:
+        if b in {w for w, _ in by_weight}:
             why.setdefault(b, "used both as a weight and as a bias")
-    good_weights = [w for w in by_weight if w not in why]
+    good_weights = [key for key in by_weight if key[0] not in why]
 
-    specs: list[tuple[int, int | None, int | None, tuple[int, ...]]] = []  # (first leaf, w, b, ks)
+    # (first leaf, expert order, weight, expert, bias, calls)
+    specs: list[tuple[int, int, int | None, int | None, int | None, tuple[int, ...]]] = []
     folded: set[int] = set()
-    for w in good_weights:
-        ks = by_weight[w]
+    for w, e in good_weights:
+        ks = by_weight[(w, e)]
         biases = {calls[k].bias for k in ks}
         b = next(iter(biases)) if len(biases) == 1 else None
         fold = (
             b is not None
             and not separate_bias
             and b not in why
-            and all(calls[k].weight == w for k in by_bias[b])
+            and all(calls[k].weight == w and calls[k].expert == e for k in by_bias[b])
         )
         if fold:
             folded.add(b)
-        specs.append((min(w, b) if fold else w, w, b if fold else None, tuple(ks)))
+        first = min(w, b) if fold else w
+        specs.append((first, -1 if e is None else e, w, e, b if fold else None, tuple(ks)))
     for b, ks in by_bias.items():
         if b not in why and b not in folded:
-            specs.append((b, None, b, tuple(ks)))
+            specs.append((b, -1, None, None, b, tuple(ks)))
     specs.sort()
 
     blocks = []
-    for _, w, b, ks in specs:
+    for _, _, w, e, b, ks in specs:
         first = calls[ks[0]]
+        transposed = False
         if w is not None:
-            shape = leaves[w].shape
+            shape = leaves[w].shape if e is None else leaves[w].shape[1:]
             groups = first.conv[-1] if first.conv else 1
-            out_features = shape[0] // groups
-            in_features = math.prod(shape[1:])
-            op = "linear" if first.dims == 0 else f"conv{first.dims}d"
+            transposed = first.transposed
+            if transposed:  # stored (in, out), applied as x @ W
+                out_features, in_features, op = shape[1], shape[0], "matmul"
+            else:
+                out_features = shape[0] // groups
+                in_features = math.prod(shape[1:])
+                op = "linear" if first.dims == 0 else f"conv{first.dims}d"
+            if e is not None:
+                op = f"{op}[expert {e}]"
         else:
             groups, out_features, in_features, op = 1, leaves[b].numel(), 0, "bias"
         names = tuple(paths[i] for i in (w, b) if i is not None)
-        blocks.append(Block(w, b, groups, out_features, in_features, op, names))
-    covered = {i for _, w, b, _ in specs for i in (w, b) if i is not None}
+        blocks.append(Block(w, b, groups, out_features, in_features, op, names, transposed, e))
+    covered = {i for _, _, w, _, b, _ in specs for i in (w, b) if i is not None}
     missing = [i for i in range(len(leaves)) if i not in covered]
     unused = "not passed to any torch function while model_fn ran (no curvature)"
     shapes = tuple(tuple(leaf.shape) for leaf in leaves)
@@ -305,7 +432,7 @@ def plan(
         tuple(paths[i] for i in missing),
         tuple(why.get(i, unused) for i in missing),
     )
-    return layout, tuple(ks for _, _, _, ks in specs)
+    return layout, tuple(ks for *_, ks in specs)
 
 
 # ---------------------------------------------------------------------------------- unfolding

@@ -228,12 +228,25 @@ def _plain_class(cls: type) -> type:
     return nn.Module
 
 
-def _hook_free_copy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+def _replicated(buf: Any, mesh: Any) -> Any:
+    """A plain buffer as a ``Replicate()`` DTensor on ``mesh`` (no communication, no copy)."""
+    if mesh is None or not isinstance(buf, torch.Tensor) or _is_dtensor(buf):
+        return buf
+    from torch.distributed.tensor import DTensor, Replicate
+
+    return DTensor.from_local(buf, mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+
+def _hook_free_copy(module: nn.Module, memo: dict[int, Any], mesh: Any = None) -> nn.Module:
     """A copy of ``module`` without torch.distributed's hooks, trainable parameters on meta.
 
-    The copy shares everything else (buffers, frozen parameters, attributes, user hooks) with
-    the original; only dictionaries are new, so nothing of the original changes. ``memo`` keeps
-    shared submodules and tied parameters shared.
+    The copy shares everything else (frozen parameters, attributes, user hooks) with the
+    original; only dictionaries are new, so nothing of the original changes. ``memo`` keeps
+    shared submodules and tied parameters shared. With a ``mesh`` (the parameters' own), plain
+    buffers enter the copy as ``Replicate()`` DTensors viewing the same memory: FSDP2 leaves
+    buffers unsharded because its forward all-gathers the parameters into plain tensors, but
+    here the parameters stay DTensors, and DTensor refuses to mix them with a plain tensor
+    (eval-mode BatchNorm statistics, a registered scale or mask).
     """
     if id(module) in memo:
         return memo[id(module)]
@@ -266,9 +279,10 @@ def _hook_free_copy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
                 torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=True
             )
     state["_parameters"] = params
-    state["_buffers"] = dict(module._buffers)
+    state["_buffers"] = {name: _replicated(b, mesh) for name, b in module._buffers.items()}
     state["_modules"] = {
-        name: None if m is None else _hook_free_copy(m, memo) for name, m in module._modules.items()
+        name: None if m is None else _hook_free_copy(m, memo, mesh)
+        for name, m in module._modules.items()
     }
     copy.__dict__.update(state)
     return copy
@@ -287,6 +301,10 @@ def from_sharded(module: nn.Module) -> tuple[Callable[..., Any], dict[str, torch
     ``DTensor``\ s on the parameters' mesh (their placements are those DTensor's propagation
     chose, e.g. ``Shard(1)`` where the parameter is ``Shard(0)``; ``.full_tensor()`` or
     ``.redistribute(mesh, placements)`` when a layout matters).
+
+    Buffers the forward reads (eval-mode BatchNorm statistics, a registered scale or mask),
+    which FSDP2 leaves as plain tensors, enter the copy as ``Replicate()`` DTensors on the
+    parameters' mesh, viewing the same memory; the module's own buffers are not touched.
 
     Inputs must be ``DTensor``\ s on the same mesh: :func:`replicate_batch` when every rank
     passes the same batch, :func:`shard_batch` when each rank passes its slice (the product is
@@ -323,7 +341,8 @@ def from_sharded(module: nn.Module) -> tuple[Callable[..., Any], dict[str, torch
     if not isinstance(module, nn.Module):
         raise TypeError(f"{where}: expected an nn.Module, got {type(module).__name__}.")
     module = unwrap_module(module, where, allow_sharded=True)
-    template = _hook_free_copy(module, {})
+    mesh = next((p.device_mesh for p in module.parameters() if _is_dtensor(p)), None)
+    template = _hook_free_copy(module, {}, mesh)
     plain_apply, _ = from_module(template)
     params = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
 
@@ -333,6 +352,16 @@ def from_sharded(module: nn.Module) -> tuple[Callable[..., Any], dict[str, torch
         except RuntimeError as err:
             if "mixed torch.Tensor and DTensor" not in str(err):
                 raise
+            active = _transforms()
+            if "Jvp" in active:
+                # under forward mode (hvps's default vmaps a jvp) the plain tensor is a
+                # tangent, not the user's batch: the fix is the mode, as for hvp and ggn_vp
+                raise NotImplementedError(
+                    f"{where} apply: forward-mode AD has no DTensor sharding rules on current "
+                    "torch (pytorch#182641), so mode='fwd-rev' cannot run on sharded "
+                    f"parameters ({' / '.join(active)} active). Pass "
+                    "mode='rev-rev'."
+                ) from err
             raise RuntimeError(
                 f"{where} apply: the parameters are DTensors but an input is a plain tensor. "
                 "Convert each batch (inputs and targets) outside the product: "

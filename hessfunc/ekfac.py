@@ -257,7 +257,8 @@ def ekfac(
     :func:`hessfunc.kfac`, which needs no per-sample gradients).
 
     Args:
-        model_fn: ``model_fn(params, *args) -> outputs``, one tensor with samples on axis 0.
+        model_fn: ``model_fn(params, *args) -> outputs``, one tensor with samples on axis 0,
+            or a container (dict, ``ModelOutput``) whose ``"logits"`` entry is that tensor.
         loss_fn: a :mod:`hessfunc.losses` object holding the targets.
         params: a pytree of floating tensors.
         *args: passed to ``model_fn`` as is.

@@ -23,6 +23,10 @@ Products are formed in output space: :math:`\nabla_\theta \ell_i = J_i^\top r_i`
 J_i v)`: one ``jvp``, per-sample dot products of size ``C``, one ``vjp``. No per-sample
 parameter gradient is materialised. This needs row ``i`` of the outputs to depend on sample ``i``
 only (no batch statistics, no attention across the batch).
+
+Outputs may be a container (a dict or a transformers ``ModelOutput``, caches dropped): the loss
+reads its ``"logits"`` entry, as for :func:`hessfunc.ggn_vp`. With ``ignore_index`` in the loss,
+ignored rows contribute nothing and :math:`c = 1/N_{\text{kept}}` for ``"mean"``.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import Any, Literal
 import torch
 from torch.func import grad, vmap
 
-from . import _checks, _context, _tree
+from . import _checks, _context, _outputs, _tree
 from ._types import Mode, PyTree
 from .ggn import _check_model_fn, _linearise
 from .losses import Loss
@@ -127,7 +131,14 @@ def fisher_vp(
     _checks.check_like(where, params, v)
 
     def product(mode: str) -> PyTree:
-        out, jv, pullback = _linearise(lambda p: model_fn(p, *args), params, v, mode)
+        flat = _outputs.Flattener(where, lambda p: model_fn(p, *args))
+        full, jv_full, pull_full = _linearise(flat, params, v, mode)
+        out, embed = flat.loss_view(full)
+        jv = flat.loss_view(jv_full)[0]
+
+        def pullback(c: PyTree) -> PyTree:
+            return pull_full(embed(c))
+
         c = loss.scale(out)
         if kind == "empirical":
             r = loss.output_grads(out)
@@ -135,7 +146,7 @@ def fisher_vp(
         shape = (mc_samples, *loss.noise_shape(out))
         u = noise
         if u is None:
-            ref = _tree.tree_leaves(out)[0]
+            ref = flat.first(full)
             u = torch.rand(shape, generator=generator, dtype=ref.dtype, device=generator.device)
             u = u.to(ref.device)
         elif tuple(u.shape) != shape:

@@ -16,6 +16,12 @@ and ``loss_fn(outputs) -> scalar``, whose targets are closed over or held by a l
 :mod:`hessfunc.losses`. With such an object :math:`H_\ell u` is a closed form; any other callable
 gets it from autodiff in output space (forward-over-reverse of ``loss_fn``, cheap because the
 outputs are small).
+
+Outputs may be any container torch's own pytree knows (tuples, dicts, a transformers
+``ModelOutput``, a registered dataclass); leaves that are not floating tensors (a
+``DynamicCache`` from ``use_cache=True``, integer tensors) are dropped, and ``loss_fn`` sees
+``None`` in their place. A loss object reads the tensor itself or its ``"logits"`` entry; the
+other outputs then carry no curvature (see ``docs/guides/real_models.md``).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from typing import Any
 import torch
 from torch.func import jacrev, jvp, vjp, vmap
 
-from . import _checks, _context, _memory, _tree
+from . import _checks, _context, _memory, _outputs, _tree
 from ._types import Mode, PyTree
 from .hessian import rows_over_basis
 from .losses import Loss
@@ -35,9 +41,13 @@ __all__ = ["ggn_matrix", "ggn_vp", "ggn_vps"]
 
 
 def _linearise(
-    call: Callable[[PyTree], PyTree], params: PyTree, v: PyTree, mode: str
-) -> tuple[PyTree, PyTree, Callable[[PyTree], PyTree]]:
+    flat: _outputs.Flattener, params: PyTree, v: PyTree, mode: str
+) -> tuple[_outputs.Flat, _outputs.Flat, Callable[[_outputs.Flat], PyTree]]:
     """``(f, J v, u -> J^T u)`` at ``params`` from a single forward pass of the model.
+
+    Outputs travel as the flat tuple of their floating tensors (:mod:`hessfunc._outputs`), so
+    tensors, tuples, dicts, ``ModelOutput``s and outputs holding a cache behave the same in
+    both modes.
 
     ``"fwd-rev"``: the forward pass carries the tangent ``v`` (``jvp``) inside a ``vjp``; ``J v``
     leaves as auxiliary output, so the pullback only runs back through the primal outputs: a
@@ -51,32 +61,42 @@ def _linearise(
     if mode == "fwd-rev":
 
         def primal_and_tangent(p: PyTree) -> tuple[PyTree, PyTree]:
-            return jvp(call, (p,), (v,))
+            return jvp(flat.call, (p,), (v,))
 
         out, pullback, jv = vjp(primal_and_tangent, params, has_aux=True)
     else:
-        out, pullback = vjp(call, params)
-        ones = _tree.tree_map(torch.ones_like, out)
+        out, pullback = vjp(flat.call, params)
+        ones = tuple(torch.ones_like(x) for x in out)
         jv = vjp(lambda u: pullback(u)[0], ones)[1](v)[0]
     return out, jv, lambda u: pullback(u)[0]
 
 
-def _output_hvp(where: str, loss_fn: Callable[[PyTree], torch.Tensor], mode: str) -> Callable:
-    """Return ``(outputs, u) -> H_ℓ u``: closed form for hessfunc losses, else autodiff.
+def _output_hvp(
+    where: str, loss_fn: Callable[[PyTree], torch.Tensor], mode: str, flat: _outputs.Flattener
+) -> Callable[[_outputs.Flat, _outputs.Flat], _outputs.Flat]:
+    """Return ``(outputs, u) -> H_ℓ u`` on flat outputs: closed form or autodiff.
 
+    Closed form for hessfunc losses (on the part they read), else autodiff of ``loss_fn`` of the
+    rebuilt outputs.
     The autodiff product is a Hessian product in output space, so it follows the rule of
     :func:`hessfunc._context.traced_mode`: ``mode``'s path eagerly, reverse-over-reverse under
     compile. ``jvp`` of ``jacrev`` rather than of ``grad``: ``jvp(grad(L))`` raises
     "ZeroTensors are immutable" when ``L`` uses ``F.mse_loss`` (pytorch#123996).
     """
     if isinstance(loss_fn, Loss):
-        return loss_fn.hvp
+
+        def closed_form(out: _outputs.Flat, u: _outputs.Flat) -> _outputs.Flat:
+            part, embed = flat.loss_view(out)
+            return embed(loss_fn.hvp(part, flat.loss_view(u)[0]))
+
+        return closed_form
     if not callable(loss_fn):
         raise TypeError(
             f"{where}: loss_fn must be callable as loss_fn(outputs) -> scalar, got "
             f"{type(loss_fn).__name__}. Close over the targets: lambda out: F.mse_loss(out, y)."
         )
-    grad_out = jacrev(_checks.scalar_fn(where, loss_fn))
+    checked = _checks.scalar_fn(where, loss_fn)
+    grad_out = jacrev(lambda out: checked(flat.rebuild(out)))
     if _context.traced_mode(mode) == "fwd-rev":
         return lambda out, u: jvp(grad_out, (out,), (u,))[1]
     return lambda out, u: vjp(grad_out, out)[1](u)[0]
@@ -98,10 +118,11 @@ def _ggn_product(
     args: tuple[Any, ...],
 ) -> Callable[[PyTree, PyTree], PyTree]:
     """``(params, v) -> G v``; call it through ``_context.evaluate``."""
-    hvp_out = _output_hvp(where, loss_fn, mode)
 
     def product(params: PyTree, v: PyTree) -> PyTree:
-        out, jv, pullback = _linearise(lambda p: model_fn(p, *args), params, v, mode)
+        flat = _outputs.Flattener(where, lambda p: model_fn(p, *args))
+        hvp_out = _output_hvp(where, loss_fn, mode, flat)
+        out, jv, pullback = _linearise(flat, params, v, mode)
         return pullback(hvp_out(out, jv))
 
     return product
@@ -121,7 +142,10 @@ def ggn_vp(
     Jacobian is never formed and one forward pass of the model serves both directions.
 
     Args:
-        model_fn: ``model_fn(params, *args) -> outputs``, any pytree of tensors.
+        model_fn: ``model_fn(params, *args) -> outputs``: a tensor, or any container torch's
+            pytree knows (tuples, dicts, a ``ModelOutput``); leaves that are not floating
+            tensors (a cache) are dropped and ``loss_fn`` sees ``None`` there. A loss object
+            reads the tensor or its ``"logits"`` entry.
         loss_fn: ``loss_fn(outputs) -> scalar``: a :mod:`hessfunc.losses` object (closed-form
             output curvature) or any callable with the targets closed over (autodiff).
         params: a pytree of floating tensors.

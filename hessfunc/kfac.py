@@ -358,11 +358,7 @@ def factor_sums(p: Pass, keep: bool = False) -> tuple[KFAC, list | None]:
     input_sums = tuple(
         sum(torch.einsum("npgi,npgj->gij", a, a) for a in calls) for calls in p.inputs
     )
-    ref = p.inputs[0][0]
-    positions = tuple(
-        torch.tensor(sum(a.shape[0] * a.shape[1] for a in calls), device=ref.device)
-        for calls in p.inputs
-    )
+    positions = p.positions
     grad_sums: list[Any] = [0] * len(p.inputs)
     kept = None
     for chunk in range(p.chunks):
@@ -412,7 +408,8 @@ def kfac(
     tokens, every token is a sample, and the factors follow curvlinops' conventions.
 
     Args:
-        model_fn: ``model_fn(params, *args) -> outputs``, one tensor with samples on axis 0.
+        model_fn: ``model_fn(params, *args) -> outputs``, one tensor with samples on axis 0,
+            or a container (dict, ``ModelOutput``) whose ``"logits"`` entry is that tensor.
         loss_fn: a :mod:`hessfunc.losses` object holding the targets (its reduction sets
             :math:`c`).
         params: a pytree of floating tensors.

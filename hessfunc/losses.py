@@ -14,6 +14,11 @@ curvature and, being a negative log-likelihood, the predictive distribution of t
   the batch, and ``1 / outputs.numel()`` for the element-wise losses, which average over every
   element as ``F.mse_loss`` does).
 
+Language models: :class:`CrossEntropyLoss` and :class:`NLLLoss` take ``ignore_index``
+(default ``-100``, as torch) for padded token batches: ignored rows have no loss, curvature or
+sampled target, and ``"mean"`` divides by the number of the other rows, so ``scale`` is then a
+0-d tensor. Flatten ``(B, T, V)`` logits to ``(B T, V)`` first.
+
 Row ``i`` of the outputs (axis 0) is sample ``i``. Every method validates shapes and dtypes only,
 so a loss built inside a function compiled with ``torch.compile(fullgraph=True)`` traces.
 ``sample`` takes a ``torch.Generator``, which Dynamo cannot trace; its deterministic half,
@@ -138,9 +143,18 @@ class Loss:
         """Return the unreduced per-sample losses, shape ``(N,)``."""
         raise NotImplementedError
 
-    def scale(self, outputs: Any) -> float:
+    def scale(self, outputs: Any) -> float | torch.Tensor:
         """Return ``c`` with ``loss(outputs) == c * per_sample(outputs).sum()``."""
         raise NotImplementedError
+
+    def _row_mask(self, outputs: Any) -> torch.Tensor | None:
+        """``(N,)`` with 0 for rows the loss ignores (``ignore_index``), or None if none can be."""
+        return None
+
+    def _mean_terms(self, outputs: Any) -> torch.Tensor:
+        """The number of loss terms a ``"mean"`` reduction divides by, a 0-d int64 tensor."""
+        ref = outputs[0] if isinstance(outputs, tuple) else outputs
+        return torch.tensor(round(1.0 / self.scale(outputs)), dtype=torch.int64, device=ref.device)
 
     def sample_from_uniform(self, outputs: Any, u: torch.Tensor) -> torch.Tensor:
         """Turn uniform draws of shape ``noise_shape(outputs)`` into sampled targets."""
@@ -386,194 +400,7 @@ class GaussianNLLLoss(Loss):
         return replace(self, target=targets)
 
 
-# ------------------------------------------------------------------------------ classification
-
-
-def _check_logits(loss: Loss, method: str, outputs: Any, n_target: tuple[int, ...]) -> None:
-    loss._check_tensor(method, outputs)
-    if outputs.dim() != 2:
-        raise ValueError(
-            f"{loss._where(method)}: outputs must be (N, C) scores, got shape {_shape(outputs)}. "
-            "Flatten extra axes into the batch first (outputs.movedim(1, -1).reshape(-1, C))."
-        )
-    if _shape(outputs)[: len(n_target)] != n_target:
-        raise ValueError(
-            f"{loss._where(method)}: outputs have shape {_shape(outputs)} but the targets have "
-            f"{n_target}; the batch sizes (and for probability targets, classes) must match."
-        )
-
-
-def _check_indices(loss: Loss, target: Any) -> None:
-    if not isinstance(target, torch.Tensor) or target.dtype != torch.long or target.dim() != 1:
-        what = (
-            f"{target.dtype} tensor of shape {_shape(target)}"
-            if isinstance(target, torch.Tensor)
-            else type(target).__name__
-        )
-        raise TypeError(
-            f"{loss._where('__init__')}: target must be a 1-d int64 tensor of class indices "
-            f"(N,); got a {what}."
-        )
-
-
-@dataclass(frozen=True, eq=False)
-class CrossEntropyLoss(Loss):
-    r"""Softmax cross-entropy on logits, as ``F.cross_entropy(outputs, target, ...)``.
-
-    With :math:`q_i` the smoothed target distribution of sample ``i``
-    (:math:`(1-\epsilon)\,\text{target} + \epsilon / C`), :math:`\ell_i = -\sum_k q_{ik}
-    \log\operatorname{softmax}(f_i)_k` and ``"mean"`` divides by the batch size ``N``. The
-    output-space Hessian is block-diagonal, :math:`c\, s_i (\operatorname{diag}(p_i) - p_i
-    p_i^\top)` with :math:`p_i = \operatorname{softmax}(f_i)` and :math:`s_i = \sum_k q_{ik}`
-    (1 for class indices), applied as :math:`s_i (p_i \odot u_i - p_i\, p_i^\top u_i)`. It is
-    PSD; with :math:`s_i = 1` the GGN equals the Fisher of the categorical predictive
-    distribution (sampled without label smoothing).
-
-    Args:
-        target: int64 class indices ``(N,)`` or floating class probabilities ``(N, C)``.
-            ``ignore_index`` and class weights are not supported.
-        label_smoothing: :math:`\epsilon \in [0, 1]`.
-        reduction: ``"mean"`` (default) or ``"sum"``.
-
-    Example:
-        >>> import torch
-        >>> from hessfunc.losses import CrossEntropyLoss
-        >>> loss = CrossEntropyLoss(torch.tensor([0]), reduction="sum")
-        >>> loss.hvp(torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]))  # p = (1/2, 1/2)
-        tensor([[ 0.2500, -0.2500]])
-
-    """
-
-    target: torch.Tensor
-    label_smoothing: float = 0.0
-    reduction: Reduction = "mean"
-
-    def __post_init__(self) -> None:
-        self._check_reduction(self.reduction)
-        if isinstance(self.target, torch.Tensor) and self.target.is_floating_point():
-            if self.target.dim() != 2:
-                raise ValueError(
-                    f"{self._where('__init__')}: probability targets must be (N, C), got shape "
-                    f"{_shape(self.target)}."
-                )
-        else:
-            _check_indices(self, self.target)
-        ls = self.label_smoothing
-        if isinstance(ls, bool) or not isinstance(ls, (int, float)) or not 0.0 <= ls <= 1.0:
-            raise ValueError(
-                f"{self._where('__init__')}: label_smoothing must be a float in [0, 1], got {ls!r}."
-            )
-
-    def _check(self, method: str, outputs: Any) -> None:
-        _check_logits(self, method, outputs, _shape(self.target))
-
-    def _q(self, outputs: torch.Tensor) -> torch.Tensor:
-        """Return the smoothed target distribution, ``(N, C)``."""
-        n_classes = outputs.shape[-1]
-        if self.target.is_floating_point():
-            q = self.target.to(outputs.dtype)
-        else:
-            # not F.one_hot: it reads the indices' values (max) to validate them, which breaks
-            # vmap over sampled labels and torch.compile(fullgraph=True)
-            classes = torch.arange(n_classes, device=outputs.device)
-            q = (self.target.unsqueeze(-1) == classes).to(outputs.dtype)
-        eps = float(self.label_smoothing)
-        return q if eps == 0.0 else (1.0 - eps) * q + eps / n_classes
-
-    @override
-    def __call__(self, outputs: torch.Tensor) -> torch.Tensor:
-        self._check("__call__", outputs)
-        return F.cross_entropy(
-            outputs, self.target, reduction=self.reduction, label_smoothing=self.label_smoothing
-        )
-
-    @override
-    def scale(self, outputs: torch.Tensor) -> float:
-        return 1.0 / max(outputs.shape[0], 1) if self.reduction == "mean" else 1.0
-
-    @override
-    def hvp(self, outputs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        self._check("hvp", outputs)
-        p = torch.softmax(outputs, dim=-1)
-        pu = p * u
-        hu = pu - p * pu.sum(-1, keepdim=True)
-        if self.target.is_floating_point():  # probability targets need not sum to one
-            hu = self._q(outputs).sum(-1, keepdim=True) * hu
-        return self.scale(outputs) * hu
-
-    @override
-    def per_sample(self, outputs: torch.Tensor) -> torch.Tensor:
-        self._check("per_sample", outputs)
-        return -(self._q(outputs) * torch.log_softmax(outputs, dim=-1)).sum(-1)
-
-    @override
-    def sample_from_uniform(self, outputs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        return _gumbel_argmax(outputs.detach(), u)
-
-    @override
-    def predictive(self, targets: torch.Tensor) -> CrossEntropyLoss:
-        return replace(self, target=targets, label_smoothing=0.0)
-
-
-@dataclass(frozen=True, eq=False)
-class NLLLoss(Loss):
-    r"""Negative log-likelihood on log-probabilities, as ``F.nll_loss(outputs, target)``.
-
-    :math:`\ell_i = -f_{i, y_i}` with ``"mean"`` over the batch. The loss is linear in the
-    outputs, so its Hessian, and hence the GGN, is **zero**: the curvature lives in the model's
-    ``log_softmax``. Put the ``log_softmax`` into the loss (:class:`CrossEntropyLoss` on logits)
-    for a useful GGN. The Fisher of the predictive distribution :math:`y \sim
-    \operatorname{Cat}(\exp f)` is :math:`J^\top \operatorname{diag}(p) J` here, not zero.
-
-    Args:
-        target: int64 class indices ``(N,)``.
-        reduction: ``"mean"`` (default) or ``"sum"``.
-
-    Example:
-        >>> import torch
-        >>> from hessfunc.losses import NLLLoss
-        >>> logp = torch.log(torch.tensor([[0.25, 0.75]]))
-        >>> NLLLoss(torch.tensor([1]))(logp).exp()
-        tensor(1.3333)
-
-    """
-
-    target: torch.Tensor
-    reduction: Reduction = "mean"
-
-    def __post_init__(self) -> None:
-        self._check_reduction(self.reduction)
-        _check_indices(self, self.target)
-
-    def _check(self, method: str, outputs: Any) -> None:
-        _check_logits(self, method, outputs, _shape(self.target))
-
-    @override
-    def __call__(self, outputs: torch.Tensor) -> torch.Tensor:
-        self._check("__call__", outputs)
-        return F.nll_loss(outputs, self.target, reduction=self.reduction)
-
-    @override
-    def scale(self, outputs: torch.Tensor) -> float:
-        return 1.0 / max(outputs.shape[0], 1) if self.reduction == "mean" else 1.0
-
-    @override
-    def hvp(self, outputs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        self._check("hvp", outputs)
-        return torch.zeros_like(u)
-
-    @override
-    def per_sample(self, outputs: torch.Tensor) -> torch.Tensor:
-        self._check("per_sample", outputs)
-        return -outputs.gather(1, self.target.unsqueeze(1)).squeeze(1)
-
-    @override
-    def sample_from_uniform(self, outputs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        return _gumbel_argmax(outputs.detach(), u)
-
-    @override
-    def predictive(self, targets: torch.Tensor) -> NLLLoss:
-        return replace(self, target=targets)
+# ---------------------------------------------------------------------------- binary (Bernoulli)
 
 
 @dataclass(frozen=True, eq=False)
@@ -620,3 +447,10 @@ class BCEWithLogitsLoss(_ElementwiseLoss):
     @override
     def predictive(self, targets: torch.Tensor) -> BCEWithLogitsLoss:
         return replace(self, target=targets)
+
+
+# the categorical losses live in their own module; they are part of this one's interface (and
+# say so, for pickling, reprs and documentation tools)
+from ._categorical import CrossEntropyLoss, NLLLoss  # noqa: E402
+
+CrossEntropyLoss.__module__ = NLLLoss.__module__ = __name__

@@ -387,6 +387,74 @@ def cg_runs_on_sharded_products(rank, world):
     close(full(res.x), expected.x, rtol=1e-9, atol=1e-10)
 
 
+class _Scaled(torch.nn.Module):
+    """Multiplies by a registered buffer: a forward that reads a plain tensor FSDP2 leaves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 6))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+@check
+def fsdp2_model_reading_buffers_equals_the_unsharded_reference(rank, world):
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = _mesh(world)
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(D, 6), torch.nn.BatchNorm1d(6), _Scaled(), torch.nn.Tanh(),
+        torch.nn.Linear(6, C),
+    )  # fmt: skip
+    bn = model[1]
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.linspace(-0.3, 0.4, 6))
+        bn.running_var.copy_(torch.linspace(0.5, 2.0, 6))
+    model.eval()
+    X, y = data()
+    V, HV, GV = _reference(copy.deepcopy(model), X, y)
+    fully_shard(model, mesh=mesh)
+    apply, params = from_sharded(model)
+    v = _sharded_like(V, params)
+    f = lambda p, X, y: F.cross_entropy(apply(p, X), y, reduction="sum")  # noqa: E731
+    Xr, yr = replicate_batch((X, y), mesh)
+    close(full(hessfunc.hvp(f, params, v, Xr, yr, mode="rev-rev")), HV)
+    gv = hessfunc.ggn_vp(
+        apply, CrossEntropyLoss(yr, reduction="sum"), params, v, Xr, mode="rev-rev"
+    )
+    close(full(gv), GV)
+    # nothing of the user's module changed: its buffers stay plain tensors, in eval mode
+    assert not any(hasattr(b, "device_mesh") for b in model.buffers())
+    assert not model.training and torch.equal(bn.running_var, torch.linspace(0.5, 2.0, 6))
+
+
+@check
+def hvps_default_mode_on_sharded_parameters_names_the_fix(rank, world):
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = _mesh(world)
+    model = net()
+    X, y = data()
+    V = direction(hessfunc.from_module(copy.deepcopy(model))[1])
+    fully_shard(model, mesh=mesh)
+    apply, params = from_sharded(model)
+    f = lambda p, X, y: F.cross_entropy(apply(p, X), y)  # noqa: E731
+    Xr, yr = replicate_batch((X, y), mesh)
+    vs = _sharded_batched({k: torch.stack([t, -t]) for k, t in V.items()}, params)
+    for product in (
+        lambda: hessfunc.hvps(f, params, vs, Xr, yr),
+        lambda: hessfunc.hvp(f, params, _sharded_like(V, params), Xr, yr),
+    ):
+        try:
+            product()
+        except NotImplementedError as err:
+            assert "mode='rev-rev'" in str(err) and "plain tensor" not in str(err), err
+        else:
+            raise AssertionError("mode='fwd-rev' on DTensor parameters did not raise")
+
+
 # ----------------------------------------------------------------------------- upstream pins
 
 

@@ -33,6 +33,9 @@ def _cases():
     out, y, labels, probs, unnorm, binary, var = _data()
     pos_var = var.clone()
     pos_var[0, 0] = 0.7
+    padded = labels.clone()
+    padded[1::2] = -100
+    assert 0 in labels.tolist() and 0 < int((padded == -100).sum()) < N
     cases = []
     for red in ("mean", "sum"):
         cases += [
@@ -115,6 +118,36 @@ def _cases():
                 lambda o, red=red: F.gaussian_nll_loss(o[0], y, o[1], reduction=red),
             ),
         ]
+        # padded token batches: ignored rows (torch's -100, and a pad id that is also a class)
+        for ig, tgt in ((-100, padded), (0, labels)):
+            cases += [
+                (
+                    f"ce-ignore{ig}-{red}",
+                    losses.CrossEntropyLoss(tgt, ignore_index=ig, reduction=red),
+                    out,
+                    lambda o, red=red, ig=ig, t=tgt: F.cross_entropy(
+                        o, t, ignore_index=ig, reduction=red
+                    ),
+                ),
+                (
+                    f"ce-ignore{ig}-smooth-{red}",
+                    losses.CrossEntropyLoss(
+                        tgt, ignore_index=ig, label_smoothing=0.2, reduction=red
+                    ),
+                    out,
+                    lambda o, red=red, ig=ig, t=tgt: F.cross_entropy(
+                        o, t, ignore_index=ig, label_smoothing=0.2, reduction=red
+                    ),
+                ),
+                (
+                    f"nll-ignore{ig}-{red}",
+                    losses.NLLLoss(tgt, ignore_index=ig, reduction=red),
+                    torch.log_softmax(out, -1),
+                    lambda o, red=red, ig=ig, t=tgt: F.nll_loss(
+                        o, t, ignore_index=ig, reduction=red
+                    ),
+                ),
+            ]
     return cases
 
 
@@ -195,6 +228,9 @@ def _exp_family_cases():
         ("mse", losses.MSELoss(y), out),
         ("ce", losses.CrossEntropyLoss(labels, label_smoothing=0.1), out),
         ("ce-probs", losses.CrossEntropyLoss(probs), out),
+        # ignored rows have no curvature and no sampled gradient; a sampled class equal to a
+        # non-negative ignore_index still counts
+        ("ce-ignore", losses.CrossEntropyLoss(labels, ignore_index=int(labels[0])), out),
         ("bce", losses.BCEWithLogitsLoss(binary), out),
         ("gauss", losses.GaussianNLLLoss(y, var), out),
     ]
@@ -274,6 +310,9 @@ def test_bad_inputs_raise_clear_errors():
         losses.CrossEntropyLoss(probs)(out[:, :3])
     with pytest.raises(ValueError, match="label_smoothing"):
         losses.CrossEntropyLoss(labels, label_smoothing=1.5)
+    for cls in (losses.CrossEntropyLoss, losses.NLLLoss):
+        with pytest.raises(TypeError, match="ignore_index must be an int"):
+            cls(labels, ignore_index=torch.tensor(-100))
     with pytest.raises(TypeError, match="floating-point"):
         losses.BCEWithLogitsLoss(y)(labels.reshape(N, 1).expand(N, C))
     with pytest.raises(ValueError, match="var of shape"):
