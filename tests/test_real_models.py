@@ -35,14 +35,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # row), so the modes disagree and the "Hessian" is not symmetric wherever the padding row
 # reaches the loss.
 PADDING_IDX_XFAIL = pytest.mark.xfail(strict=False, reason="padding_idx pseudo-gradient")
-# ggn_vp(mode="rev-rev") on a model_fn that returns a transformers ModelOutput
-MODEL_OUTPUT_XFAIL = pytest.mark.xfail(strict=False, reason="ModelOutput in rev-rev")
-# GPT-2's Conv1D computes torch.addmm(b, x, W) with W stored (in, out): K-FAC finds no layer
-KFAC_CONV1D_XFAIL = pytest.mark.xfail(
-    strict=False, reason="K-FAC coverage of GPT-2's Conv1D (torch.addmm)"
-)
-# transformers' MoE layers index 3-D expert tensors (w[e]): K-FAC does not cover the experts
-KFAC_MOE_XFAIL = pytest.mark.xfail(strict=False, reason="K-FAC coverage of MoE expert weights")
 
 # ---------------------------------------------------------------------------------------------
 
@@ -141,7 +133,6 @@ def test_ggn_vp_matches_values_modes_and_symmetry(name):
     assert abs(float(ugv - ref)) <= VALUE_RTOL * scale + 2 * err
 
 
-@MODEL_OUTPUT_XFAIL
 @pytest.mark.parametrize("mode", ["fwd-rev", "rev-rev"])
 def test_ggn_vp_through_a_model_output(mode):
     """``model_fn`` returns the model's own ``ModelOutput`` (a pytree with ``.logits``); the
@@ -197,8 +188,7 @@ def test_eigsh_top_eigenpair(name):
 def _kfac_cases() -> list:
     out = []
     for name in rm.CASES:
-        extra = [KFAC_CONV1D_XFAIL] if name == "gpt2" else []
-        out.append(pytest.param(name, marks=_marks(name, *extra), id=name))
+        out.append(pytest.param(name, marks=_marks(name), id=name))
     return out
 
 
@@ -215,7 +205,9 @@ def test_kfac_coverage(name):
     named_uncovered = {f"['{k}']" for k in c.kfac_uncovered}
     assert {f"['{k}']" for k in c.kfac_covered} <= covered
     assert named_uncovered <= uncovered
-    layers = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
+    from transformers.pytorch_utils import Conv1D  # GPT-2's addmm projection, W stored (in, out)
+
+    layers = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, Conv1D)
     linear = {
         f"['{m}.{p}']"
         for m, mod in c.model.named_modules()
@@ -233,7 +225,6 @@ def test_kfac_coverage(name):
     assert float(rm.vdot(v, kv)) >= -EXACT["atol"]
 
 
-@KFAC_MOE_XFAIL
 @pytest.mark.full
 def test_kfac_covers_moe_experts():
     c = case("mixtral")
