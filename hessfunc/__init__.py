@@ -31,6 +31,7 @@ from .fisher import per_sample_grads as per_sample_grads
 from .ggn import ggn_matrix as ggn_matrix
 from .ggn import ggn_vp as ggn_vp
 from .ggn import ggn_vps as ggn_vps
+from .gnb import gnb_diag as gnb_diag
 from .hessian import hessian as hessian
 from .hessian import hessian_matrix as hessian_matrix
 from .hvp import hessian_operator as hessian_operator
@@ -59,6 +60,8 @@ from .solvers import CGResult as CGResult
 from .solvers import NewtonCGResult as NewtonCGResult
 from .solvers import cg as cg
 from .solvers import newton_cg_step as newton_cg_step
+
+from . import optim as optim  # noqa: E402  (optimizers sit on top of every product)
 
 __version__ = "0.1.0"
 
@@ -97,6 +100,7 @@ __all__ = [
     "ggn_matrix",
     "ggn_vp",
     "ggn_vps",
+    "gnb_diag",
     "hessian",
     "hessian_matrix",
     "hessian_operator",
@@ -113,6 +117,7 @@ __all__ = [
     "losses",
     "low_rank_inverse",
     "newton_cg_step",
+    "optim",
     "per_sample_grads",
     "power_iteration",
     "random_probes",
