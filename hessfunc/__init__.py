@@ -3,6 +3,7 @@
 from . import data as data
 from . import distributed as distributed
 from . import losses as losses
+from . import optim as optim
 from ._tree import ravel as ravel
 from .blocks import block_trace as block_trace
 from .blocks import blockwise as blockwise
@@ -60,8 +61,6 @@ from .solvers import CGResult as CGResult
 from .solvers import NewtonCGResult as NewtonCGResult
 from .solvers import cg as cg
 from .solvers import newton_cg_step as newton_cg_step
-
-from . import optim as optim  # noqa: E402  (optimizers sit on top of every product)
 
 __version__ = "0.1.0"
 
