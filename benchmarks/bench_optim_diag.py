@@ -92,13 +92,13 @@ def methods() -> dict:
     o = hessfunc.optim
     return {
         "SGD-momentum": (
-            [0.1, 0.3, 1.0, 3.0],
+            [0.3, 1.0, 3.0, 10.0],
             lambda lr: (
                 lambda net: TorchRunner(net, lambda ps: torch.optim.SGD(ps, lr=lr, momentum=0.9))
             ),
         ),
         "AdamW": (
-            [1e-3, 3e-3, 1e-2, 3e-2],
+            [3e-3, 1e-2, 3e-2, 1e-1],
             lambda lr: (
                 lambda net: TorchRunner(
                     net, lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=0.0)
@@ -106,7 +106,7 @@ def methods() -> dict:
             ),
         ),
         "Sophia-G": (
-            [1e-3, 3e-3, 1e-2, 3e-2],
+            [3e-4, 1e-3, 3e-3, 1e-2],
             lambda lr: (
                 lambda net: HessfuncRunner(
                     net, lambda m, lf: o.sophia(m, lf, lr=lr, weight_decay=0.0)
@@ -114,7 +114,7 @@ def methods() -> dict:
             ),
         ),
         "Sophia-H": (
-            [1e-3, 3e-3, 1e-2, 3e-2],
+            [3e-4, 1e-3, 3e-3, 1e-2],
             lambda lr: (
                 lambda net: HessfuncRunner(
                     net,
