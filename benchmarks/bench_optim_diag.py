@@ -8,8 +8,8 @@ For each method and each value of its grid (learning rate; damping for Hessian-f
 runs until the full-data loss, evaluated every ``--every`` steps, reaches ``--target``, and reports
 the steps and the seconds spent in optimizer steps (evaluation excluded) to reach it; "-" when
 the budget ran out. The default target, 0.025, is just above the mean squared error of the best
-rank-8 linear reconstruction (PCA with 8 components: 0.0239). The best setting of each method is the one that reached the target in the
-fewest seconds.
+rank-8 linear reconstruction (PCA with 8 components: 0.0239). The best setting of each method is
+the one that reached the target in the fewest seconds.
 
 Peer comparison (``--peers``): the ``SophiaH`` and ``AdaHessian`` of the ``pytorch-optimizer``
 package (install it with ``pip install --no-deps pytorch-optimizer``), on the same autoencoder

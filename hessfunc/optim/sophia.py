@@ -113,8 +113,8 @@ def sophia(
         ...                             weight_decay=0.0, estimator="hutchinson")
         >>> p = torch.tensor([0.5, 0.5], dtype=torch.float64)
         >>> new, state, info = opt.step(p, opt.init(p), generator=torch.Generator().manual_seed(0))
-        >>> new  # p - (a p) / (2 a) = p / 2
-        tensor([0.2500, 0.2500], dtype=torch.float64)
+        >>> new.tolist()  # p - (a p) / (2 a) = p / 2
+        [0.25, 0.25]
     """
     where = "hessfunc.optim.sophia(model_fn, loss_fn, lr=...)"
     _base.check_callables(where, model_fn, loss_fn)
