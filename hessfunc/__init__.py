@@ -3,6 +3,7 @@
 from . import data as data
 from . import distributed as distributed
 from . import losses as losses
+from . import optim as optim
 from ._tree import ravel as ravel
 from .blocks import block_trace as block_trace
 from .blocks import blockwise as blockwise
@@ -31,6 +32,7 @@ from .fisher import per_sample_grads as per_sample_grads
 from .ggn import ggn_matrix as ggn_matrix
 from .ggn import ggn_vp as ggn_vp
 from .ggn import ggn_vps as ggn_vps
+from .gnb import gnb_diag as gnb_diag
 from .hessian import hessian as hessian
 from .hessian import hessian_matrix as hessian_matrix
 from .hvp import hessian_operator as hessian_operator
@@ -97,6 +99,7 @@ __all__ = [
     "ggn_matrix",
     "ggn_vp",
     "ggn_vps",
+    "gnb_diag",
     "hessian",
     "hessian_matrix",
     "hessian_operator",
@@ -113,6 +116,7 @@ __all__ = [
     "losses",
     "low_rank_inverse",
     "newton_cg_step",
+    "optim",
     "per_sample_grads",
     "power_iteration",
     "random_probes",

@@ -237,6 +237,35 @@ def products(apply, per_sample: bool, float_inputs: bool, dtype, classes: int = 
                 ),
                 "exact",
             )
+    if float_inputs:  # second-order optimizers: one refreshing step, draws fixed
+        ce = lambda x, y: CrossEntropyLoss(y)  # noqa: E731
+        model_xy = lambda p, x, y: apply(p, x)  # noqa: E731
+        uniform = lambda p, v: _tree.tree_map(lambda t: torch.sigmoid(t)[None], v)  # noqa: E731
+        out["gnb_diag"] = (
+            lambda p, v, w, x, y: hessfunc.gnb_diag(
+                model, CrossEntropyLoss(y), p, x, noise=_noise(y, classes, p)[0]
+            ),
+            "exact",
+        )
+        optimizers = {
+            "sophia_h": lambda: hessfunc.optim.sophia(
+                model_xy, ce, lr=0.01, estimator="hutchinson"
+            ),
+            "adahessian": lambda: hessfunc.optim.adahessian(model_xy, ce, lr=0.01),
+        }
+        for name, make in optimizers.items():
+            out[f"optim.{name}"] = (
+                lambda p, v, w, x, y, make=make: make().step(
+                    p, make().init(p), x, y, noise=uniform(p, v), refresh=True
+                )[:2],
+                "exact",
+            )
+        out["optim.hessian_free"] = (
+            lambda p, v, w, x, y: hessfunc.optim.hessian_free(model_xy, ce, maxiter=2).step(
+                p, hessfunc.optim.hessian_free(model_xy, ce).init(p), x, y
+            )[0],
+            "exact",
+        )
     out["fd_grad"] = (
         lambda p, v, w, x, y: hessfunc.fd_grad(loss, p, x, y, directions=_stack(v, w)),
         "fd",
