@@ -2,6 +2,7 @@
 
 from . import data as data
 from . import distributed as distributed
+from . import laplace as laplace
 from . import losses as losses
 from ._tree import ravel as ravel
 from .blocks import block_trace as block_trace
@@ -108,6 +109,7 @@ __all__ = [
     "influence",
     "kfac",
     "lanczos",
+    "laplace",
     "lissa",
     "logdet",
     "losses",
