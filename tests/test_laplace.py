@@ -147,6 +147,23 @@ def test_ragged_batches_and_mean_reduction_match_the_whole_data_dense_ggn(mlp_fu
     torch.testing.assert_close(diag.curvature.d, torch.diagonal(G), **EXACT)
 
 
+@pytest.mark.parametrize("structure", ["kfac", "diag"])
+def test_reduce_sums_every_pass_over_processes(structure):
+    # two processes holding the same shard are the data set twice over
+    net, X, y = MLP
+    model, params = _model(net)
+    twice = fit(model, _ce, params, BATCHES + BATCHES, structure=structure)
+    double = lambda tree: hessfunc._tree.tree_map(lambda t: 2 * t, tree)  # noqa: E731
+    reduced = fit(model, _ce, params, BATCHES, structure=structure, reduce=double)
+    assert reduced.n_data == twice.n_data == 80
+    for delta in (0.5, torch.tensor([0.5, 1.5, 2.0, 3.0])):
+        torch.testing.assert_close(
+            reduced.log_marginal_likelihood(delta).estimate,
+            twice.log_marginal_likelihood(delta).estimate,
+            **EXACT,
+        )
+
+
 def _dense_precision(post, delta):
     n = post.theta.numel()
     eye = torch.eye(n)

@@ -86,6 +86,7 @@ class Problem:
     sizes: tuple[int, ...]  # their numels
     theta: torch.Tensor  # the subset raveled, (n,)
     likelihood: str
+    reduce: Any = None  # e.g. hessfunc.distributed.AllReduce(): sums over processes
 
     @property
     def n(self) -> int:
@@ -118,7 +119,7 @@ class Problem:
         return summed(self.loss_fn(*batch))
 
     def sum_over(self, fn: Callable[..., Any]) -> Any:
-        return data.sum_over(fn, self.batches, progress=False)
+        return data.sum_over(fn, self.batches, reduce=self.reduce, progress=False)
 
     def matvec(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """``v -> GGN_sum v`` over the dataset (the summed loss), on raveled vectors."""
@@ -129,7 +130,7 @@ class Problem:
         def product(v: torch.Tensor, *batch: Any) -> torch.Tensor:
             return ggn_vp(self.model_flat, self.sum_loss(*batch), theta, v, *batch)
 
-        return data.linear_operator(product, self.batches, progress=False)
+        return data.linear_operator(product, self.batches, reduce=self.reduce, progress=False)
 
     def jacobians(self, inputs: tuple, chunk_size: int | None = None) -> torch.Tensor:
         """Per-sample Jacobians ``(m, C, n)`` of the outputs at ``inputs`` (samples on axis 0).
@@ -190,6 +191,7 @@ def build(
     params: Any,
     batches: list[tuple],
     subset: Any,
+    reduce: Any = None,
 ) -> Problem:
     leaves = _tree.tree_leaves(params)
     names = _tree.leaf_names(params)
@@ -223,6 +225,7 @@ def build(
         tuple(t.numel() for t in sub),
         theta,
         likelihood,
+        reduce,
     )
 
 

@@ -400,6 +400,7 @@ def fit(
     prior_mean: Any = None,
     temperature: float = 1.0,
     sigma_noise: float = 1.0,
+    reduce: Any = None,
     **options: Any,
 ) -> LaplacePosterior:
     r"""Fit a Laplace approximation at ``params`` over the training ``batches``.
@@ -442,6 +443,9 @@ def fit(
         prior_mean: ``None`` (zero), a number or a pytree like ``params``.
         temperature: :math:`T > 0`, dividing the likelihood.
         sigma_noise: :math:`\sigma > 0` of the Gaussian likelihood (regression only).
+        reduce: ``None``, or :class:`hessfunc.distributed.AllReduce` (any ``tree -> tree``
+            sum over participants) when each process holds a shard of the batches: every
+            data pass (loss, counts, curvature, products) is summed over processes once.
         **options: the structure's options, see above.
 
     Returns:
@@ -483,7 +487,12 @@ def fit(
         raise TypeError(f"{where}: temperature must be a positive float, got {temperature!r}.")
     _positive(where, "temperature", temperature)
     batch_list = _problem.check_batches(where, batches)
-    problem = _problem.build(where, model_fn, loss_fn, params, batch_list, subset)
+    if reduce is not None and not callable(reduce):
+        raise TypeError(
+            f"{where}: reduce must be None or a callable tree -> tree such as "
+            f"hessfunc.distributed.AllReduce(), got {type(reduce).__name__}."
+        )
+    problem = _problem.build(where, model_fn, loss_fn, params, batch_list, subset, reduce)
     delta = parse_prior(where, prior_precision, problem.names, problem.theta)
     sigma = parse_sigma(where, sigma_noise, problem.likelihood, problem.theta)
     mean0 = _prior_mean(where, prior_mean, problem)
