@@ -145,6 +145,22 @@ class LaplacePosterior:
         sigma = self.sigma_noise if sigma_noise is None else self._sigma(where, sigma_noise)
         return evidence.log_marginal_likelihood(self, delta, sigma)
 
+    def with_prior_precision(self, prior_precision: Any) -> LaplacePosterior:
+        """The same posterior with another prior precision (no pass over the data).
+
+        Args:
+            prior_precision: a positive float or 0-d tensor, a dict leaf name -> value, or a
+                ``(L,)`` tensor (one per covered leaf, in ``names`` order).
+
+        Returns:
+            A new :class:`LaplacePosterior`; ``self`` is unchanged.
+
+        Cost:
+            Free: the curvature is shared.
+        """
+        where = "hessfunc.laplace.LaplacePosterior.with_prior_precision()"
+        return replace(self, prior=self._prior(where, prior_precision))
+
     def optimize_prior_precision(
         self,
         *,
