@@ -27,7 +27,6 @@ import torch
 
 from .. import _checks, _tree
 from ..estimators import random_probes
-from ..ggn import ggn_matrix
 from ..kfac import kfac
 from ..lanczos import eigsh
 from ..losses import Loss
@@ -40,7 +39,7 @@ __all__ = ["LaplacePosterior", "fit"]
 Structure = Literal["full", "kfac", "diag", "low_rank", "matrix_free"]
 STRUCTURES = ("full", "kfac", "diag", "low_rank", "matrix_free")
 OPTIONS = {
-    "full": {"max_bytes": None},
+    "full": {"max_bytes": None, "chunk_size": None},
     "kfac": {},
     "diag": {"chunk_size": None},
     "low_rank": {"rank": 20, "num_iters": None, "generator": None},
@@ -324,26 +323,51 @@ def _generator(where: str, opts: dict[str, Any], structure: str) -> torch.Genera
     return gen
 
 
-def _diag(problem: _problem.Problem, chunk_size: int | None) -> Tensor:
-    """The exact diagonal of the summed GGN.
+def _gram_rows(problem: _problem.Problem, batch: tuple, chunk_size: int | None) -> Tensor:
+    r"""``B`` of shape ``(N c, n)`` with :math:`B^\top B` the batch's summed GGN.
 
-    Per sample, ``J^T`` times a square root of the output Hessian, squared and summed.
+    Row ``(i, j)`` is :math:`J_i^\top r_{ij}`, with :math:`r_{ij}` column ``j`` of a square root
+    of sample ``i``'s output Hessian (``loss.hvp`` on the output basis, then ``eigh``), so
+    :math:`\sum_{ij} (J_i^\top r_{ij})(J_i^\top r_{ij})^\top = \sum_i J_i^\top H_i J_i`.
     """
-    theta = problem.theta
+    loss = problem.sum_loss(*batch)
+    out = problem.model_flat(problem.theta, *batch).detach()
+    c = out[0].numel()
+    basis = torch.eye(c, dtype=out.dtype, device=out.device).reshape(c, *out.shape[1:])
+    cols = torch.stack([loss.hvp(out, basis[k].expand_as(out)) for k in range(c)])
+    H = cols.reshape(c, out.shape[0], c).permute(1, 2, 0)  # (N, c, c): H_i[:, k]
+    evals, evecs = torch.linalg.eigh(0.5 * (H + H.mT))
+    root = evecs * evals.clamp(min=0).sqrt().unsqueeze(-2)  # (N, c, c), root root^T = H_i
+    J = problem.jacobians(batch, chunk_size)  # (N, c, n)
+    return torch.einsum("icn,icj->ijn", J, root).reshape(-1, J.shape[-1])
 
-    def one(*batch: Any) -> Tensor:
-        loss = problem.sum_loss(*batch)
-        out = problem.model_flat(theta, *batch).detach()
-        c = out[0].numel()
-        basis = torch.eye(c, dtype=out.dtype, device=out.device).reshape(c, *out.shape[1:])
-        cols = torch.stack([loss.hvp(out, basis[k].expand_as(out)) for k in range(c)])
-        H = cols.reshape(c, out.shape[0], c).permute(1, 2, 0)  # (N, c, c): H_i[:, k]
-        evals, evecs = torch.linalg.eigh(0.5 * (H + H.mT))
-        root = evecs * evals.clamp(min=0).sqrt().unsqueeze(-2)  # (N, c, c), root root^T = H_i
-        J = problem.jacobians(batch, chunk_size)  # (N, c, n)
-        return torch.einsum("icn,icj->ijn", J, root).square().sum((0, 1))
 
-    return problem.sum_over(one)
+def _available_bytes(ref: Tensor) -> int | None:
+    if ref.device.type == "cuda":
+        return int(torch.cuda.mem_get_info(ref.device)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _check_dense(where: str, theta: Tensor, max_bytes: int | None) -> None:
+    n = theta.numel()
+    need = 3 * n * n * theta.element_size()  # the matrix, its eigenvectors, eigh's workspace
+    if max_bytes is None:
+        free = _available_bytes(theta)
+        max_bytes = None if free is None else free // 2
+    if max_bytes is not None and need > max_bytes:
+        raise MemoryError(
+            f"{where}: structure='full' needs about {need / 2**30:.3g} GiB for n = {n} "
+            f"parameters (three n x n matrices), over the budget of {max_bytes / 2**30:.3g} GiB. "
+            "Use structure='kfac', 'low_rank' or 'matrix_free', subset='last_layer', or raise "
+            "max_bytes."
+        )
 
 
 def _kron(problem: _problem.Problem) -> Kron:
@@ -373,16 +397,19 @@ def _curvature(where: str, problem: _problem.Problem, structure: str, opts: dict
     scale = _problem.base_scale(problem.likelihood)
     theta, sizes = problem.theta, problem.sizes
     if structure == "full":
+        _check_dense(where, theta, opts["max_bytes"])
 
-        def one(*batch: Any) -> Tensor:
-            return ggn_matrix(
-                problem.model_flat, problem.sum_loss(*batch), theta, *batch,
-                max_bytes=opts["max_bytes"],
-            )  # fmt: skip
+        def gram(*batch: Any) -> Tensor:
+            B = _gram_rows(problem, batch, opts["chunk_size"])
+            return B.T @ B
 
-        return Full.build(scale * problem.sum_over(one), sizes)
+        return Full.build(scale * problem.sum_over(gram), sizes)
     if structure == "diag":
-        return Diag(scale * _diag(problem, opts["chunk_size"]), sizes)
+
+        def diag(*batch: Any) -> Tensor:
+            return _gram_rows(problem, batch, opts["chunk_size"]).square().sum(0)
+
+        return Diag(scale * problem.sum_over(diag), sizes)
     if structure == "kfac":
         return _kron(problem)
     matvec = problem.matvec()
@@ -430,9 +457,12 @@ def fit(
 
     Structures (keyword ``options`` in brackets, defaults after ``=``):
 
-    * ``"full"`` [``max_bytes=None``]: the dense GGN (:func:`hessfunc.ggn_matrix` per batch,
-      refused before allocating above ``max_bytes``, default half the free memory), and its
-      eigendecomposition.
+    * ``"full"`` [``max_bytes=None``, ``chunk_size=None``]: the dense GGN, :math:`\sum B^\top
+      B` over batches with ``B`` the per-sample Jacobians times a square root of each sample's
+      output Hessian (``C`` backward passes per sample, vectorised, ``chunk_size`` samples at a
+      time; every sample runs through ``model_fn`` as a batch of one), and its
+      eigendecomposition. Refused before allocating above ``max_bytes`` (default half the free
+      memory).
     * ``"kfac"``: :func:`hessfunc.kfac` with ``separate_bias=True``, every weight and bias its own
       Kronecker block (laplace-torch's Kronecker posterior); leaves no layer covers keep the
       prior alone.
@@ -468,8 +498,9 @@ def fit(
         A :class:`LaplacePosterior`.
 
     Cost:
-        One pass over the data for the loss, plus: ``"full"`` ``n`` GGN products per batch
-        and an :math:`O(n^3)` eigendecomposition; ``"kfac"`` one K-FAC pass; ``"diag"``
+        One pass over the data for the loss, plus: ``"full"`` per-sample Jacobians (``C``
+        backward passes per sample), :math:`O(N C n^2)` for the products and an
+        :math:`O(n^3)` eigendecomposition; ``"kfac"`` one K-FAC pass; ``"diag"``
         per-sample Jacobians (``C`` backward passes per sample); ``"low_rank"`` ``num_iters``
         data passes; ``"matrix_free"`` ``num_iters`` data passes of ``num_probes`` products.
 
