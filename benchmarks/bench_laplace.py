@@ -11,7 +11,8 @@ For each case, in one run (float64, cross-entropy, synthetic data, batches of 12
   column), and the two tuned priors.
 
 Time is one call after a warm-up call (``time.perf_counter``; the runs are seconds long);
-memory the peak bytes that call allocates (``common.peak_memory``, CPU profiler events). The ratio column is laplace-torch's time over hessfunc's, both from this run.
+memory the peak bytes that call allocates (``common.peak_memory``, CPU profiler events). The ratio
+column is laplace-torch's time over hessfunc's, both from this run.
 
 The largest whole-network full-GGN Laplace each library can hold is set by memory: both store
 the dense ``n x n`` precision; the script prints the ``n`` that fits in half of the free memory
