@@ -93,9 +93,7 @@ def run_case(name, net, X, y, ours, theirs, subset, rows, notes, quick):
     def theirs_tune():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            la.optimize_prior_precision(
-                pred_type="glm", method="marglik", prior_structure="scalar"
-            )
+            la.optimize_prior_precision(pred_type="glm", method="marglik", prior_structure="scalar")
 
     _, tt_theirs = timed(theirs_tune)
     mib = lambda b: "-" if b is None else f"{b / 2**20:.1f}"  # noqa: E731
