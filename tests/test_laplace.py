@@ -20,7 +20,7 @@ from torch import nn
 
 import hessfunc
 from hessfunc.laplace import fit
-from hessfunc.losses import CrossEntropyLoss, MSELoss, NLLLoss
+from hessfunc.losses import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss, NLLLoss
 
 EXACT = tol("exact", torch.float64)
 
@@ -282,6 +282,30 @@ def test_last_layer_and_named_subsets_cover_the_right_leaves():
     torch.testing.assert_close(last.curvature.H, G[-18:, -18:], **EXACT)
     draws = last.sample(2, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(draws["0.weight"][1], params["0.weight"], rtol=0, atol=0)
+
+
+def test_binary_logistic_equals_two_class_softmax_with_a_zero_logit():
+    # sigmoid(f) is softmax((0, f))[1]: same likelihood, same output curvature p(1 - p)
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(25, 3, generator=g)
+    y = (torch.rand(25, generator=g) < 0.5).double()
+    w = 0.3 * torch.randn(3, generator=g)
+    binary = fit(lambda w, X, *r: X @ w, lambda X, y: BCEWithLogitsLoss(y), w, [(X, y)])
+    two = fit(
+        lambda w, X, *r: torch.stack([torch.zeros(len(X)), X @ w], -1),
+        lambda X, y: CrossEntropyLoss(y.long()), w, [(X, y)],
+    )  # fmt: skip
+    for delta in (0.5, 4.0):
+        torch.testing.assert_close(
+            binary.log_marginal_likelihood(delta).estimate,
+            two.log_marginal_likelihood(delta).estimate,
+            **EXACT,
+        )
+    Xs = X[:4]
+    P = binary.curvature.H + torch.eye(3)
+    var = ((Xs @ torch.linalg.inv(P)) * Xs).sum(1)
+    want = torch.sigmoid(Xs @ w / torch.sqrt(1 + math.pi / 8 * var))
+    torch.testing.assert_close(binary.predictive(Xs), want, **EXACT)
 
 
 # ---------------------------------------------------------------------------- matrix-free
