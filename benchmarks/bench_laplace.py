@@ -18,7 +18,7 @@ The largest whole-network full-GGN Laplace each library can hold is set by memor
 the dense ``n x n`` precision; the script prints the ``n`` that fits in half of the free memory
 for each, from the peak bytes per ``n^2`` measured on the full case, instead of running it.
 
-    python benchmarks/bench_laplace.py [--threads 1] [--quick] [--record]
+    python benchmarks/bench_laplace.py [--threads 1] [--quick] [--no-memory] [--record]
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-def run_case(name, net, X, y, ours, theirs, subset, rows, notes, quick):
+def run_case(name, net, X, y, ours, theirs, subset, rows, notes, no_memory):
     import laplace
 
     apply, params = hessfunc.from_module(net)
@@ -86,8 +86,8 @@ def run_case(name, net, X, y, ours, theirs, subset, rows, notes, quick):
     ours_fit(), theirs_fit()  # warm-up: first calls pay one-off costs of torch.func and imports
     post, t_ours = timed(ours_fit)
     la, t_theirs = timed(theirs_fit)
-    m_ours = None if quick else common.peak_memory(ours_fit, "cpu")
-    m_theirs = None if quick else common.peak_memory(theirs_fit, "cpu")
+    m_ours = None if no_memory else common.peak_memory(ours_fit, "cpu")
+    m_theirs = None if no_memory else common.peak_memory(theirs_fit, "cpu")
     tuned, tt_ours = timed(post.optimize_prior_precision)
 
     def theirs_tune():
@@ -99,6 +99,7 @@ def run_case(name, net, X, y, ours, theirs, subset, rows, notes, quick):
     mib = lambda b: "-" if b is None else f"{b / 2**20:.1f}"  # noqa: E731
     rows.append([name, n, "fit", t_ours, t_theirs, t_theirs / t_ours, mib(m_ours), mib(m_theirs)])
     rows.append([name, n, "tune prior", tt_ours, tt_theirs, tt_theirs / tt_ours, "-", "-"])
+    print(rows[-2], rows[-1], flush=True)
     delta_theirs = float(la.prior_precision)  # read first: evaluating the evidence resets it
     lml_ours = float(post.log_marginal_likelihood(1.0).estimate)
     lml_theirs = float(la.log_marginal_likelihood(torch.tensor(1.0)))
@@ -116,7 +117,8 @@ def run_case(name, net, X, y, ours, theirs, subset, rows, notes, quick):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--quick", action="store_true", help="small cases, no memory")
+    parser.add_argument("--quick", action="store_true", help="smaller cases")
+    parser.add_argument("--no-memory", action="store_true", help="skip the profiler runs")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -136,13 +138,13 @@ def main() -> None:
     torch.manual_seed(0)
     X, y = data(N, small[0], small[-1])
     full_mem = run_case("mlp " + "-".join(map(str, small)), mlp(small), X, y, "full", "full",
-                        "all", rows, notes, args.quick)  # fmt: skip
+                        "all", rows, notes, args.no_memory)  # fmt: skip
     X2, y2 = data(N, big[0], big[-1], seed=1)
     net2 = mlp(big)
     run_case("mlp " + "-".join(map(str, big)), net2, X2, y2, "kfac", "kron", "all", rows, notes,
-             args.quick)  # fmt: skip
+             args.no_memory)  # fmt: skip
     run_case("mlp " + "-".join(map(str, big)) + " last layer", net2, X2, y2, "full", "full",
-             "last_layer", rows, notes, args.quick)  # fmt: skip
+             "last_layer", rows, notes, args.no_memory)  # fmt: skip
     header = ["case", "n", "step", "hessfunc s", "laplace-torch s", "ratio", "hessfunc MiB",
               "laplace-torch MiB"]  # fmt: skip
     body = [f"Machine: {common.machine('cpu')}; {args.threads} thread(s); float64; N = {N}.", ""]
