@@ -147,6 +147,18 @@ def test_ragged_batches_and_mean_reduction_match_the_whole_data_dense_ggn(mlp_fu
     torch.testing.assert_close(diag.curvature.d, torch.diagonal(G), **EXACT)
 
 
+def test_a_dataloader_and_a_one_shot_iterator_give_the_list_result(mlp_full):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    net, X, y = MLP
+    model, params = _model(net)
+    loader = DataLoader(TensorDataset(X, y), batch_size=16)  # 16 + 16 + 8
+    for batches in (loader, iter(BATCHES)):
+        post = fit(model, _ce, params, batches, prior_precision=0.7)
+        torch.testing.assert_close(post.curvature.H, mlp_full.curvature.H, **EXACT)
+        assert post.n_data == 40
+
+
 @pytest.mark.parametrize("structure", ["kfac", "diag"])
 def test_reduce_sums_every_pass_over_processes(structure):
     # two processes holding the same shard are the data set twice over

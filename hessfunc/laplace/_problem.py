@@ -80,7 +80,7 @@ class Problem:
     model_fn: Callable[..., Any]
     loss_fn: Callable[..., Loss]
     params: Any
-    batches: list[tuple]
+    batches: Any  # a re-iterable of batch tuples
     index: tuple[int, ...]  # which leaves of params are in the subset, in params order
     names: tuple[str, ...]  # their dotted names
     sizes: tuple[int, ...]  # their numels
@@ -146,23 +146,27 @@ class Problem:
         return jac(theta, *inputs)
 
 
-def check_batches(where: str, batches: Any) -> list[tuple]:
+def check_batches(where: str, batches: Any) -> Any:
+    """A re-iterable of batch tuples (a one-shot iterator is read into a list once).
+
+    A list or a ``DataLoader`` is kept as it is and iterated once per pass over the data.
+    """
     if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
         raise TypeError(
             f"{where}: batches must be a list (or other iterable) of batch tuples such as "
             f"[(X, y), ...], got {type(batches).__name__}."
         )
-    out = []
-    for k, b in enumerate(batches):
-        if not isinstance(b, (tuple, list)) or not b:
-            raise TypeError(
-                f"{where}: batch {k} must be a non-empty tuple of arguments for model_fn and "
-                f"loss_fn, e.g. (X, y); got {type(b).__name__}."
-            )
-        out.append(tuple(b))
-    if not out:
+    if iter(batches) is batches:  # an iterator: the structures need several passes
+        batches = list(batches)
+    first = next(iter(batches), None)
+    if first is None:
         raise ValueError(f"{where}: batches is empty; pass the training data, e.g. [(X, y)].")
-    return out
+    if not isinstance(first, (tuple, list)) or not first:
+        raise TypeError(
+            f"{where}: every batch must be a non-empty tuple of arguments for model_fn and "
+            f"loss_fn, e.g. (X, y); got {type(first).__name__}."
+        )
+    return batches
 
 
 def find_last_linear(
@@ -189,12 +193,13 @@ def build(
     model_fn: Callable[..., Any],
     loss_fn: Callable[..., Loss],
     params: Any,
-    batches: list[tuple],
+    batches: Any,
     subset: Any,
     reduce: Any = None,
 ) -> Problem:
     leaves = _tree.tree_leaves(params)
     names = _tree.leaf_names(params)
+    first = tuple(next(iter(batches)))
     if subset is None:
         index = list(range(len(leaves)))
     elif isinstance(subset, str):
@@ -203,7 +208,7 @@ def build(
                 f"{where}: subset must be None (all leaves), 'last_layer' or a list of leaf "
                 f"names from {names}; got {subset!r}."
             )
-        index = find_last_linear(where, model_fn, params, batches[0])
+        index = find_last_linear(where, model_fn, params, first)
     else:
         wanted = list(subset)
         unknown = [s for s in wanted if s not in names]
@@ -214,7 +219,7 @@ def build(
         index = sorted({names.index(s) for s in wanted})
     sub = [leaves[i] for i in index]
     theta = torch.cat([t.detach().reshape(-1) for t in sub])
-    likelihood = likelihood_of(where, loss_fn(*batches[0]))
+    likelihood = likelihood_of(where, loss_fn(*first))
     return Problem(
         model_fn,
         loss_fn,

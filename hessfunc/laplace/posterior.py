@@ -533,13 +533,13 @@ def fit(
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"{where}: temperature must be a positive float, got {temperature!r}.")
     _positive(where, "temperature", temperature)
-    batch_list = _problem.check_batches(where, batches)
+    batches = _problem.check_batches(where, batches)
     if reduce is not None and not callable(reduce):
         raise TypeError(
             f"{where}: reduce must be None or a callable tree -> tree such as "
             f"hessfunc.distributed.AllReduce(), got {type(reduce).__name__}."
         )
-    problem = _problem.build(where, model_fn, loss_fn, params, batch_list, subset, reduce)
+    problem = _problem.build(where, model_fn, loss_fn, params, batches, subset, reduce)
     delta = parse_prior(where, prior_precision, problem.names, problem.theta)
     sigma = parse_sigma(where, sigma_noise, problem.likelihood, problem.theta)
     mean0 = _prior_mean(where, prior_mean, problem)
