@@ -403,8 +403,30 @@ def test_bad_input_is_refused_clearly(mlp_full):
     with pytest.raises(ValueError, match="last_layer' found no F.linear"):
         fit(lambda p, X, *r: X @ p, lambda X, y: MSELoss(y), torch.zeros(3, 1),
             [(X, torch.zeros(40, 1))], subset="last_layer")  # fmt: skip
+    with pytest.raises(ValueError, match="nothing to factor"):
+        fit(lambda p, X, *r: X @ p, lambda X, y: MSELoss(y), torch.zeros(3, 1),
+            [(X, torch.zeros(40, 1))], structure="kfac")  # fmt: skip
     with pytest.raises(ValueError, match="unknown link"):
         mlp_full.predictive(X[:2], link="softmax")
+
+
+def test_nothing_is_mutated():
+    net, X, y = MLP
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    flags = [p.requires_grad for p in net.parameters()]
+    model, params = _model(net)
+    copies = {k: v.clone() for k, v in params.items()}
+    post = fit(model, _ce, params, BATCHES, structure="kfac", prior_precision=0.7)
+    post.optimize_prior_precision().predictive(X[:3])
+    post.sample(2, generator=torch.Generator().manual_seed(0))
+    post.log_marginal_likelihood({k: 1.0 for k in post.names})
+    for k, v in params.items():
+        assert torch.equal(v, copies[k]) and not v.requires_grad
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert [p.requires_grad for p in net.parameters()] == flags and net.training
+    assert all(p.grad is None for p in net.parameters())
+    assert float(post.prior) == 0.7
 
 
 def test_matrix_free_refuses_per_leaf_priors(mlp_slq):
