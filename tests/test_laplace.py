@@ -547,3 +547,26 @@ def test_laplace_torch_cnn(ours, theirs, subset):
         warnings.simplefilter("ignore")
         want = la(X[:4], pred_type="glm", link_approx="probit")
     torch.testing.assert_close(post.predictive(X[:4]), want, **EXACT)
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("ours,theirs,subset", CASES)
+def test_laplace_torch_cnn_ragged_batches_and_per_layer_prior(ours, theirs, subset):
+    problem = _cnn_problem(seed=2, n=17)
+    X, y = problem[1], problem[2]
+    batches = [(X[i : i + 5], y[i : i + 5]) for i in range(0, 17, 5)]  # 5 + 5 + 5 + 2
+    post, la = _pair(problem, ours, theirs, subset, batches)
+    # laplace-torch's last-layer posteriors take a scalar or per-parameter prior only
+    per_layer = subset != "last_layer"
+    delta = torch.linspace(0.3, 3.0, len(post.names)) if per_layer else torch.tensor(0.8)
+    want = la.log_marginal_likelihood(delta)
+    torch.testing.assert_close(post.log_marginal_likelihood(delta).estimate, want, **EXACT)
+    la.prior_precision = delta
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = la(X[:5], pred_type="glm", link_approx="probit")
+    torch.testing.assert_close(post.with_prior_precision(delta).predictive(X[:5]), want, **EXACT)
+    opt = post.optimize_prior_precision(per_leaf=per_layer)
+    d = opt.prior.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(la.log_marginal_likelihood(d), d)
+    assert g.abs().max() < 1e-7
