@@ -108,6 +108,24 @@ def test_bayesian_linear_regression_evidence_is_exact(structure):
     torch.testing.assert_close(var[:, 0, 0], ((Xs @ torch.linalg.inv(P)) * Xs).sum(1), **EXACT)
 
 
+def test_bayesian_linear_regression_matrix_free():
+    # the Gaussian likelihood's 1/2 applies to the SLQ nodes and to the CG products alike
+    X, y, w, P = _blr()
+    model = lambda p, X, *rest: X @ p  # noqa: E731
+    post = fit(
+        model, lambda X, y: MSELoss(y), w, [(X, y)], structure="matrix_free", num_iters=3,
+        num_probes=200, sample_iters=3, prior_precision=0.8, sigma_noise=0.6,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    cov = 0.36 * torch.eye(len(y)) + X @ X.T / 0.8
+    exact = torch.distributions.MultivariateNormal(torch.zeros(len(y)), cov).log_prob(y[:, 0])
+    got = post.log_marginal_likelihood()
+    assert 0 < float(got.std_error) and abs(float(got.estimate - exact)) < 4 * float(got.std_error)
+    Xs = torch.randn(4, 3, generator=torch.Generator().manual_seed(5))
+    _, var = post.predictive(Xs)
+    torch.testing.assert_close(var[:, 0, 0], ((Xs @ torch.linalg.inv(P)) * Xs).sum(1), **EXACT)
+
+
 def test_blr_evidence_tracks_sigma_and_prior_without_refitting():
     X, y, w, _ = _blr()
     model = lambda p, X, *rest: X @ p  # noqa: E731
