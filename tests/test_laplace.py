@@ -245,6 +245,7 @@ def test_predictive_variance_is_j_sigma_jt_with_a_dense_jacobian(mlp_full):
     want = J @ torch.linalg.inv(P) @ J.mT
     mean, var = mlp_full.predictive(Xs, link="none")
     torch.testing.assert_close(var, want, **EXACT)
+    torch.testing.assert_close(mlp_full.predictive(Xs, link="none", chunk_size=2)[1], want, **EXACT)
     probit = mlp_full.predictive(Xs)
     kappa = 1 / torch.sqrt(1 + math.pi / 8 * torch.diagonal(want, dim1=1, dim2=2))
     torch.testing.assert_close(probit, torch.softmax(kappa * mean, -1), **EXACT)

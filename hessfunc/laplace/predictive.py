@@ -47,11 +47,17 @@ def output_gaussian(
     problem = post.problem
     with torch.no_grad():
         mean = problem.model_flat(problem.theta, *inputs)
-    J = problem.jacobians(inputs, chunk_size)  # (m, C, n)
-    m, c, n = J.shape
     f = evidence.factor(post, post.sigma_noise)
-    S = post.curvature.cov_rows(J.reshape(m * c, n), f, post.prior).reshape(m, c, n)
-    return GaussianPredictive(mean, torch.einsum("mcn,mkn->mck", J, S))
+    m = mean.shape[0]
+    step = m if chunk_size is None else chunk_size
+    parts = []
+    for start in range(0, m, step):  # bounds the Jacobian block at step x C x n
+        chunk = tuple(x[start : start + step] for x in inputs)
+        J = problem.jacobians(chunk)  # (k, C, n)
+        k, c, n = J.shape
+        S = post.curvature.cov_rows(J.reshape(k * c, n), f, post.prior).reshape(k, c, n)
+        parts.append(torch.einsum("mcn,mkn->mck", J, S))
+    return GaussianPredictive(mean, torch.cat(parts) if len(parts) > 1 else parts[0])
 
 
 def _psd_root(cov: Tensor) -> Tensor:
@@ -77,7 +83,8 @@ def predictive(
             regression always returns the Gaussian.
         n_samples: draws for ``"mc"``.
         generator: a ``torch.Generator`` for ``"mc"``.
-        chunk_size: inputs per vectorised Jacobian pass (``None``: all).
+        chunk_size: inputs at a time (``None``: all): bounds the Jacobian block, and the
+            rows :math:`P^{-1}` is applied to, at ``chunk_size x C x n``.
 
     Returns:
         Classification: ``(m, C)`` class probabilities (``(m,)`` probabilities of class 1 for
