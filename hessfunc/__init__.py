@@ -2,6 +2,7 @@
 
 from . import data as data
 from . import distributed as distributed
+from . import laplace as laplace
 from . import losses as losses
 from . import optim as optim
 from ._tree import ravel as ravel
@@ -111,6 +112,7 @@ __all__ = [
     "influence",
     "kfac",
     "lanczos",
+    "laplace",
     "lissa",
     "logdet",
     "losses",
