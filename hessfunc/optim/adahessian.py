@@ -88,7 +88,8 @@ def adahessian(
         spatial_average: average :math:`D` over the spatial axes of 3+-d leaves.
 
     Returns:
-        An :class:`~hessfunc.optim.Optimizer`. ``init(params)`` gives ``{"adahessian": {"step",
+        An :class:`~hessfunc.optim.Optimizer` (an ``init`` and a ``step`` function).
+        ``init(params)`` gives ``{"adahessian": {"step",
         "m", "v", "d"}}``; ``step(params, state, *batch, generator=None, noise=None,
         refresh=None)`` returns ``(params, state, AdaHessianInfo(loss, step_size))``. Noise:
         uniform draws, a pytree like ``params`` with a leading axis ``num_probes``

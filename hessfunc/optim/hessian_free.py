@@ -83,7 +83,8 @@ def hessian_free(
         cg_decay: :math:`\zeta \in [0, 1]`, the warm start's factor (0: start from zero).
 
     Returns:
-        An :class:`~hessfunc.optim.Optimizer`. ``init(params)`` gives ``{"hessian_free":
+        An :class:`~hessfunc.optim.Optimizer` (an ``init`` and a ``step`` function).
+        ``init(params)`` gives ``{"hessian_free":
         {"step", "damping", "direction"}}``; ``step(params, state, *batch)`` returns
         ``(params, state, HessianFreeInfo(loss, damping, cg_iterations, reduction_ratio,
         accepted))``. Deterministic: ``generator`` and ``noise`` are accepted and ignored.

@@ -79,7 +79,8 @@ def sharpness(
         curvature: ``"hessian"`` (default) or ``"ggn"``.
 
     Returns:
-        An :class:`~hessfunc.optim.Optimizer`. ``init(params)`` gives ``{"sharpness": {"step",
+        An :class:`~hessfunc.optim.Optimizer` (an ``init`` and a ``step`` function).
+        ``init(params)`` gives ``{"sharpness": {"step",
         "vector", "eigenvalue", "residual"}}`` (the start vector is a fixed dense pattern);
         ``step(params, state, *batch, refresh=None)`` returns ``(params, state,
         SharpnessInfo(loss, eigenvalue, residual))`` with ``params`` unchanged.

@@ -90,7 +90,8 @@ def sophia(
         num_probes: Rademacher probes per refresh (``"hutchinson"``).
 
     Returns:
-        An :class:`~hessfunc.optim.Optimizer`. ``init(params)`` gives ``{"sophia": {"step",
+        An :class:`~hessfunc.optim.Optimizer` (an ``init`` and a ``step`` function).
+        ``init(params)`` gives ``{"sophia": {"step",
         "m", "h"}}``; ``step(params, state, *batch, generator=None, noise=None, refresh=None)``
         returns ``(params, state, SophiaInfo(loss, clip_fraction))``. A refreshing step needs
         ``generator`` or ``noise``; ``step.draw_noise(params, state, *batch, generator=)`` draws
