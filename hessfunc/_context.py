@@ -18,7 +18,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
-from . import _decomp
+from . import _decomp, _pseudo
 
 T = TypeVar("T")
 
@@ -259,6 +259,8 @@ def ad_error_hint(where: str, mode: str, err: BaseException) -> NotImplementedEr
     mode, or a double backward), which the op may lack too, so the message says so and points
     at :func:`hessfunc.check_hvp` to confirm a result.
     """
+    if isinstance(err, _pseudo.PseudoGradient):
+        return NotImplementedError(f"{where}: {err}")
     msg = str(err)
     first = _first_line(err)
     for markers, advice in _TRANSFORM_LIMITS:

@@ -29,7 +29,8 @@ reached only through routed callers and need no entry.
 Three ops outside the normalisation family are routed the same way for other reasons:
 ``masked_select`` with a mask that broadcasts its input, whose backward vmap batches wrongly
 (see :func:`masked_select`), and ``dot`` / ``vdot``, whose compiled forward-mode derivative
-crashes (see :func:`dot`).
+crashes (see :func:`dot`). The embedding lookups whose backward is a pseudo-gradient
+(``padding_idx``, ``scale_grad_by_freq``) are routed to ``_pseudo``, which says how each is read.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from . import _pseudo
 
 # ----------------------------------------------------------------------------- formulas
 
@@ -259,6 +262,10 @@ _ATEN: dict[str, Callable[..., Any]] = {
     "masked_select": masked_select,
     "dot": dot,
     "vdot": vdot,
+    # pseudo-gradients (see ``_pseudo``)
+    "embedding": _pseudo.embedding,
+    "embedding_bag": _pseudo.embedding_bag,
+    "_embedding_bag": _pseudo._embedding_bag,
 }
 # torch.nn.functional wrappers, whose argument order differs from the aten schema
 _FUNCTIONAL: dict[Callable[..., Any], Callable[..., Any]] = {
@@ -267,6 +274,8 @@ _FUNCTIONAL: dict[Callable[..., Any], Callable[..., Any]] = {
     F.batch_norm: F_batch_norm,
     F.instance_norm: F_instance_norm,
     F.group_norm: group_norm,
+    F.embedding: _pseudo.F_embedding,
+    F.embedding_bag: _pseudo.F_embedding_bag,
 }
 
 
