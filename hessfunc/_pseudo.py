@@ -29,7 +29,11 @@ calls here):
   change the caller's parameters, which no hessfunc function may do.
 
 ``F.embedding_bag`` already leaves the padding entries out of its forward reduction, so its
-zero gradient for them is the true derivative and needs no change.
+zero gradient for them is the true derivative. Its kernel has no second derivatives at all
+(neither forward-mode AD nor a double backward), so ``"sum"`` and ``"mean"`` bags are computed
+by a lookup and an ``index_add`` instead (:func:`_bag_sum_or_mean`); ``"max"`` keeps the kernel,
+and a second-order product through it is refused with hessfunc's error for a missing
+derivative.
 """
 
 from __future__ import annotations
@@ -127,6 +131,41 @@ def _embedding_bag(weight, indices, offsets, scale_grad_by_freq=False, mode=0, s
     return torch._embedding_bag(weight, indices, offsets, False, mode, False, *rest)
 
 
+def _bag_sum_or_mean(
+    weight: torch.Tensor,
+    indices: torch.Tensor,
+    offsets: torch.Tensor,
+    mean: bool,
+    per_sample_weights: torch.Tensor | None,
+    include_last_offset: bool,
+    padding_idx: int | None,
+) -> torch.Tensor:
+    """A bag reduction in plain lookup and ``index_add``, which have derivatives of every order.
+
+    torch's ``embedding_bag`` kernel has neither forward-mode AD nor a double backward (torch
+    2.13), so no second-order product could go through ``nn.EmbeddingBag``. Entries equal to
+    ``padding_idx`` are left out of the sum and of the count, as torch does; an empty bag gives
+    zeros. ``offsets`` must be sorted (torch requires it too).
+    """
+    bags = offsets.numel() - (1 if include_last_offset else 0)
+    starts = offsets[:bags]
+    position = torch.arange(indices.numel(), device=indices.device)
+    bag = torch.searchsorted(starts, position, right=True) - 1
+    rows = torch.embedding(weight, indices)
+    keep = torch.ones_like(indices, dtype=weight.dtype)
+    if padding_idx is not None and padding_idx >= 0:
+        keep = (indices != padding_idx).to(weight.dtype)
+    if include_last_offset:  # entries past the last offset belong to no bag
+        keep = keep * (position < offsets[-1]).to(weight.dtype)
+    scale = keep if per_sample_weights is None else keep * per_sample_weights
+    bag = bag.clamp(0, max(bags - 1, 0))
+    out = weight.new_zeros((bags, weight.shape[1])).index_add(0, bag, rows * scale[:, None])
+    if mean:
+        count = weight.new_zeros(bags).index_add(0, bag, keep)
+        out = out / count.clamp(min=1)[:, None]
+    return out
+
+
 def F_embedding_bag(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -140,9 +179,31 @@ def F_embedding_bag(
     include_last_offset: bool = False,
     padding_idx: int | None = None,
 ) -> torch.Tensor:
-    """``F.embedding_bag`` with the plain (true) derivative; ``max_norm`` refused."""
+    """``F.embedding_bag``: sums and means through :func:`_bag_sum_or_mean`, with the plain
+    (true) derivative for ``scale_grad_by_freq``; ``max_norm`` refused; ``"max"`` and inputs
+    the composite does not cover keep torch's kernel."""
     if max_norm is not None:
         raise PseudoGradient(_MAX_NORM.format(name="F.embedding_bag", max_norm=max_norm))
+    if padding_idx is not None and padding_idx < 0:
+        padding_idx = padding_idx + weight.shape[0]
+    if mode in ("sum", "mean") and weight.dim() == 2 and input.dim() in (1, 2):
+        if input.dim() == 2 and offsets is None:
+            bags, length = input.shape
+            offsets = torch.arange(0, bags * length, max(length, 1), device=input.device)
+            input = input.reshape(-1)
+            include_last_offset = False
+            if per_sample_weights is not None:
+                per_sample_weights = per_sample_weights.reshape(-1)
+        if input.dim() == 1 and offsets is not None and offsets.dim() == 1:
+            return _bag_sum_or_mean(
+                weight,
+                input,
+                offsets,
+                mode == "mean",
+                per_sample_weights,
+                include_last_offset,
+                padding_idx,
+            )
     return torch.nn.functional.embedding_bag(
         input,
         weight,

@@ -64,6 +64,9 @@ FAST = frozenset(
         "parametrizations.weight_norm(nn.Linear)",
         "utils.spectral_norm(nn.Linear)",
         "utils.weight_norm(nn.Linear)",
+        # pseudo-gradients (hessfunc/_pseudo.py)
+        "nn.Embedding(scale_grad_by_freq)",
+        "nn.Sequential(Embedding(padding_idx=0), Flatten, Linear)",
     }
 )
 FULL_ONLY = frozenset({"nn.LinearCrossEntropyLoss"})  # 857 module_db inputs, minutes
