@@ -35,6 +35,24 @@ jumps or kinks at the sample), and autograd's gradient must agree with differenc
 objective itself (else the backward formula is a convention there, e.g. repeated scatter
 indices). Where either reference finds a sample unusable, both skip it.
 
+References built from the VALUE of the objective alone, which no backward formula can leak
+into (a pseudo-gradient such as an embedding's zeroed padding row is inherited by differences of
+autograd's gradient, and those agree with the forward mode that differentiates it):
+
+* ``u^T H v`` from second differences ``(L(x+hu+hv) - L(x+hu-hv) - L(x-hu+hv) + L(x-hu-hv)) /
+  4h^2`` on the same ladder (``value_reference``), compared with ``<u, H v>`` for ``hvp`` and
+  ``hessian_matrix``; for ``ggn_vp``, ``(J u)^T C (J v)`` with both Jacobian products from
+  differences of the outputs (``ggn_value_reference``);
+* symmetry ``<u, M v> = <M u, v>`` (always for ``hessian_matrix``; for the products only where
+  the value reference does not converge, since matching it along random ``u, v`` already pins the
+  product to the symmetric Hessian);
+* fwd-rev equal to rev-rev for every product.
+
+A failure of any of them makes the product ``wrong`` even where it matched the gradient
+references (``value_verdict``); where autograd's gradient is not the derivative of the value
+(``first_order_reason``), they alone judge the sample. Entries hessfunc holds constant
+(``Problem.hold``: an embedding's padding row) are zeroed in the directions of every reference.
+
 A product agrees with its reference when
 
     |exact - ref| <= rtol |ref| + atol + 2 err        (norms over the flattened product)
