@@ -35,6 +35,7 @@ import torch
 from torch.func import jacrev, vmap
 
 from . import _checks, _tree
+from ._checks import LowPrecisionWarning
 from ._types import PyTree
 from .fd import (
     _check_order,
@@ -48,7 +49,14 @@ from .fd import (
 from .hessian import hessian_matrix
 from .hvp import hvps
 
-__all__ = ["TOLERANCES", "CheckReport", "check_grad", "check_hessian", "check_hvp"]
+__all__ = [
+    "TOLERANCES",
+    "CheckReport",
+    "LowPrecisionWarning",
+    "check_grad",
+    "check_hessian",
+    "check_hvp",
+]
 
 TOLERANCES: dict[torch.dtype, dict[str, float]] = {
     torch.float64: {"rtol": 1e-6, "atol": 1e-7},
@@ -98,9 +106,12 @@ _FD_NOTE = (
 _CAUSES = {
     "grad": (
         "the gradient of f disagrees with finite differences of f itself: the backward formula "
-        "of an op in f is probably wrong (a custom autograd.Function's backward, or a hook that "
-        "changes gradients), or f is not a deterministic, smooth function of params (dropout, "
-        "randomness, in-place state, or a kink at params)."
+        "of an op in f is not the derivative of its forward (a pseudo-gradient: a custom "
+        "autograd.Function with a surrogate backward such as a straight-through estimator, a "
+        "hook that changes gradients, or nn.Embedding's padding_idx, whose row torch zeroes on "
+        "purpose and hessfunc holds constant: check with padding_idx=None to compare), or f is "
+        "not a deterministic, smooth function of params (dropout, randomness, in-place state, "
+        "or a kink at params)."
     ),
     "hvp": (
         "the HVP disagrees with finite differences of the gradient while the gradient itself is "
@@ -120,8 +131,17 @@ _CAUSES = {
     ),
     "symmetry": (
         "<u, Hv> != <Hu, v>: the computed Hessian operator is not symmetric, so a "
-        "second-derivative rule in f is wrong or f is not twice continuously differentiable "
-        "at params."
+        "second-derivative rule in f is wrong, an op's backward is not the derivative of its "
+        "forward (a custom autograd.Function with a surrogate gradient: differentiating the "
+        "surrogate gives no symmetric matrix, and the two modes then differ too), or f is not "
+        "twice continuously differentiable at params."
+    ),
+    "precision": (
+        "f returns its value in {out} while params are {params}: the loss is computed in lower "
+        "precision (a cast such as logits.float(), which transformers' causal-LM losses apply), "
+        "so the finite differences measure {out} rounding, not a derivative; this is not a wrong "
+        "backward formula. Compute the loss in {params} (e.g. from the model's .logits) or "
+        "check with the tolerances of {out} (rtol=, atol=)."
     ),
     "matrix-vs-hvp": (
         "the dense Hessian disagrees with the matrix-free product along the same direction: "
@@ -134,7 +154,13 @@ _CAUSES = {
 }
 
 
-def _diagnose(where: str, errors: dict[str, float], raised: dict[str, str], rtol: float) -> str:
+def _diagnose(
+    where: str,
+    errors: dict[str, float],
+    raised: dict[str, str],
+    rtol: float,
+    lower: tuple[str, str] | None = None,
+) -> str:
     failed = [name for name, e in errors.items() if not e <= rtol]
     if not failed:
         return ""
@@ -145,7 +171,9 @@ def _diagnose(where: str, errors: dict[str, float], raised: dict[str, str], rtol
         lines.append(f"  {name}: max relative error {e:.3g} [{mark}]{extra}")
     second_all = [n for n in errors if n.startswith(("hvp[", "hessian["))]
     second = [n for n in failed if n in second_all]
-    if "grad" in failed:
+    if lower is not None and not (second and all(n in raised for n in second)):
+        cause = _CAUSES["precision"].format(out=lower[0], params=lower[1])
+    elif "grad" in failed:
         cause = _CAUSES["grad"]
     elif second and all(n in raised for n in second):
         cause = _CAUSES["raised"]
@@ -264,6 +292,24 @@ def _grad_error(
     return float(((approx - exact).abs() / (approx.abs() + floor)).max())
 
 
+def _lower_precision(f: Callable, params: PyTree, args: tuple) -> tuple[str, str] | None:
+    """``(dtype of f's value, dtype of params)`` when the value is the less precise, else None.
+
+    One evaluation of ``f``; the checkers run eagerly.
+    """
+    finest = _checks.most_precise(params)
+    try:
+        with torch.no_grad():
+            out = f(params, *args)
+    except Exception:  # noqa: BLE001 - the checks themselves report what f raises
+        return None
+    if finest is None or not isinstance(out, torch.Tensor) or not out.is_floating_point():
+        return None
+    if torch.finfo(out.dtype).eps > torch.finfo(finest).eps:
+        return str(out.dtype).removeprefix("torch."), str(finest).removeprefix("torch.")
+    return None
+
+
 def _finish(
     where: str,
     errors: dict[str, float],
@@ -275,8 +321,9 @@ def _finish(
     rtol: float,
     atol: float,
     raise_on_fail: bool,
+    lower: tuple[str, str] | None = None,
 ) -> CheckReport:
-    message = _diagnose(where, errors, raised, rtol)
+    message = _diagnose(where, errors, raised, rtol, lower)
     base = float(step) if step is not None else default_step(_least_precise(params), order)
     report = CheckReport(not message, errors, base, dirs, rtol, atol, message)
     if message and raise_on_fail:
@@ -347,7 +394,8 @@ def check_grad(
     rtol_, atol_ = _tolerances(where, params, rtol, atol)
     dirs = _unit_directions(params, n_directions, generator)
     errors = {"grad": _grad_error(where, f, params, args, dirs, step, order, atol_ / rtol_)}
-    return _finish(where, errors, {}, params, step, order, dirs, rtol_, atol_, raise_on_fail)
+    lower = _lower_precision(f, params, args)
+    return _finish(where, errors, {}, params, step, order, dirs, rtol_, atol_, raise_on_fail, lower)
 
 
 def check_hvp(
@@ -425,7 +473,8 @@ def check_hvp(
     errors["symmetry"] = (
         float("inf") if first is None else _symmetry_error(_gram(dirs, first), floor)
     )
-    return _finish(where, errors, raised, params, step, order, dirs, rtol_, atol_, raise_on_fail)
+    lower = _lower_precision(f, params, args)
+    return _finish(where, errors, raised, params, step, order, dirs, rtol_, atol_, raise_on_fail, lower)
 
 
 def check_hessian(
@@ -527,4 +576,5 @@ def check_hessian(
             if hv is None
             else _rel(from_matrix, vmap(lambda t: _tree.ravel(t)[0])(hv), floor)
         )
-    return _finish(where, errors, raised, params, step, order, dirs, rtol_, atol_, raise_on_fail)
+    lower = _lower_precision(f, params, args)
+    return _finish(where, errors, raised, params, step, order, dirs, rtol_, atol_, raise_on_fail, lower)
