@@ -29,9 +29,10 @@ reached only through routed callers and need no entry.
 Four ops outside the normalisation family are routed the same way for other reasons:
 ``masked_select`` with a mask that broadcasts its input, whose backward vmap batches wrongly
 (see :func:`masked_select`), ``as_strided_scatter``, whose backward does not zero what it
-overwrites (see :func:`as_strided_scatter`), and ``dot`` / ``vdot``, whose compiled forward-mode derivative
-crashes (see :func:`dot`). The embedding lookups whose backward is a pseudo-gradient
-(``padding_idx``, ``scale_grad_by_freq``) are routed to ``_pseudo``, which says how each is read.
+overwrites (see :func:`as_strided_scatter`), and ``dot`` / ``vdot``, whose compiled
+forward-mode derivative crashes (see :func:`dot`). The embedding lookups whose backward is a
+pseudo-gradient (``padding_idx``, ``scale_grad_by_freq``) and the bag reductions, which have no
+second derivatives, are routed to ``_pseudo``, which says how each is read.
 """
 
 from __future__ import annotations

@@ -474,7 +474,9 @@ def check_hvp(
         float("inf") if first is None else _symmetry_error(_gram(dirs, first), floor)
     )
     lower = _lower_precision(f, params, args)
-    return _finish(where, errors, raised, params, step, order, dirs, rtol_, atol_, raise_on_fail, lower)
+    return _finish(
+        where, errors, raised, params, step, order, dirs, rtol_, atol_, raise_on_fail, lower
+    )
 
 
 def check_hessian(
@@ -577,4 +579,6 @@ def check_hessian(
             else _rel(from_matrix, vmap(lambda t: _tree.ravel(t)[0])(hv), floor)
         )
     lower = _lower_precision(f, params, args)
-    return _finish(where, errors, raised, params, step, order, dirs, rtol_, atol_, raise_on_fail, lower)
+    return _finish(
+        where, errors, raised, params, step, order, dirs, rtol_, atol_, raise_on_fail, lower
+    )

@@ -740,8 +740,9 @@ def _check_problem(
     out: dict[tuple[str, str], Verdict] = {}
     results: dict[tuple[str, str], torch.Tensor] = {}
 
-    def product(name: str, mode: str, apply: Callable[[tuple], Any], ref: Reference,
-                vref: Reference | None) -> Verdict:
+    def product(
+        name: str, mode: str, apply: Callable[[tuple], Any], ref: Reference, vref: Reference | None
+    ) -> Verdict:
         try:
             with quiet():
                 mv = flat(apply(v), params).detach()
