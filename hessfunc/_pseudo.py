@@ -186,7 +186,9 @@ def F_embedding_bag(
         raise PseudoGradient(_MAX_NORM.format(name="F.embedding_bag", max_norm=max_norm))
     if padding_idx is not None and padding_idx < 0:
         padding_idx = padding_idx + weight.shape[0]
-    if mode in ("sum", "mean") and weight.dim() == 2 and input.dim() in (1, 2):
+    # torch accepts per_sample_weights with "sum" only (and raises for "mean"): leave that to it
+    plain = mode == "sum" or (mode == "mean" and per_sample_weights is None)
+    if plain and weight.dim() == 2 and input.dim() in (1, 2):
         if input.dim() == 2 and offsets is None:
             bags, length = input.shape
             offsets = torch.arange(0, bags * length, max(length, 1), device=input.device)

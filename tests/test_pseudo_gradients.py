@@ -272,6 +272,23 @@ def test_embedding_bag_padding_and_negative_padding_idx(mode):
         torch.autograd.functional.hessian(bag_ref, w.reshape(-1)),
     )
 
+    weights = torch.linspace(0.5, 1.5, flat_idx.numel(), dtype=D)
+
+    def weighted(p):
+        out = F.embedding_bag(flat_idx, p, offsets, mode="sum", per_sample_weights=weights)
+        return out.tanh().pow(2).sum()
+
+    def weighted_ref(x):
+        rows = x.reshape(V, E)[flat_idx] * weights[:, None]
+        return (
+            torch.stack([rows[0:5].sum(0), rows[5:9].sum(0), rows[9:].sum(0)]).tanh().pow(2).sum()
+        )
+
+    _close(
+        hessfunc.hessian_matrix(weighted, w, mode=mode),
+        torch.autograd.functional.hessian(weighted_ref, w.reshape(-1)),
+    )
+
     def last(p):
         return F.embedding(IDX, p, padding_idx=-1).tanh().pow(2).sum()
 
