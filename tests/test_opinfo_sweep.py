@@ -38,6 +38,20 @@ KNOWN_FAILURES: dict[tuple[str, str, str], str] = {
     )
     for product in (HVP, HESSIAN)
 }
+# Found by the value-based references: with repeated indices (op_db's come from overlapping
+# pooling windows) max_unpool's forward keeps one of the colliding values and its backward
+# feeds all of them, a pseudo-gradient no routing can undo without reading the indices' values.
+KNOWN_FAILURES.update(
+    {
+        (f"nn.functional.max_unpool{d}d", product, mode): (
+            "wrong: by value: max_unpool with repeated indices keeps one colliding value in its "
+            "forward and feeds the gradient to all of them (a pseudo-gradient)"
+        )
+        for d in (1, 2, 3)
+        for product in PRODUCTS
+        for mode in MODES
+    }
+)
 
 # Ops hessfunc evaluates through a composite formula during second-order evaluations, as its
 # routing table declares them: they must come out exact, never merely refused.
