@@ -7,6 +7,7 @@ allocation.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, get_args
 
@@ -153,9 +154,62 @@ def scalar_fn(where: str, f: Callable[..., Any]) -> Callable[..., torch.Tensor]:
             )
         if not out.is_floating_point():
             raise TypeError(f"{where}: f must return a floating-point scalar, got {out.dtype}.")
+        if a:
+            finest = most_precise(a[0])
+            if finest is not None and torch.finfo(out.dtype).eps > torch.finfo(finest).eps:
+                warn_lower_precision(where, str(out.dtype), str(finest))
         return out
 
     return wrapped
+
+
+class LowPrecisionWarning(UserWarning):
+    """``f`` returns its scalar in a less precise dtype than its parameters.
+
+    Every derivative of ``f`` is then only as accurate as that dtype: float64 parameters with a
+    float32 loss (transformers' causal-LM losses call ``logits.float()``) give Hessian products
+    with float32 rounding (about 1e-7 relative), and finite differences in float64 steps
+    measure that rounding rather than a derivative.
+    """
+
+
+def most_precise(tree: Any) -> torch.dtype | None:
+    """The most precise floating dtype among the tensor leaves of ``tree`` (``None`` if none)."""
+    best = None
+    for leaf in _tree.tree_leaves(tree):
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+            if best is None or torch.finfo(leaf.dtype).eps < torch.finfo(best).eps:
+                best = leaf.dtype
+    return best
+
+
+_WARNED: set[tuple[str, str, str]] = set()
+
+
+def warn_lower_precision(where: str, out: str, params: str) -> bool:
+    """Warn once per (call, dtypes) per process that ``f`` computes its value in ``out``.
+
+    Marked like ``torch.compiler.assume_constant_result`` (see ``_context``): under
+    ``torch.compile`` dynamo runs this body once while tracing instead of putting it into the
+    graph, so the warning costs nothing per step and keeps ``fullgraph=True`` working. Its
+    arguments are strings built from dtypes, which are static.
+    """
+    key = (where, out, params)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(
+            f"{where}: f returns a {out} scalar while params are {params}, so every derivative "
+            f"is only as accurate as {out}. The loss is computed in lower precision (a cast "
+            "such as logits.float(), which transformers' causal-LM losses apply); compute it "
+            f"in {params} yourself (e.g. from the model's .logits) for {params}-accurate "
+            "products.",
+            LowPrecisionWarning,
+            stacklevel=4,
+        )
+    return True
+
+
+warn_lower_precision._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def check_random_source(where: str, what: str, generator: Any, noise: Any) -> None:

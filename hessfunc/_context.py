@@ -18,7 +18,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
-from . import _decomp
+from . import _decomp, _pseudo
 
 T = TypeVar("T")
 
@@ -252,6 +252,42 @@ _TRANSFORM_LIMITS: tuple[tuple[tuple[str, ...], str], ...] = (
 )
 
 
+_CHECKPOINT_ADVICE = (
+    "f runs gradient (activation) checkpointing, which torch.func transforms cannot "
+    "differentiate through (pytorch#122729: checkpoint's saved-tensor hooks, its old-style "
+    "autograd.Function, and the hooks that call requires_grad_() on activations are all refused "
+    "inside a transform). Call f without it: for a transformers model, "
+    "model.gradient_checkpointing_disable() and model.disable_input_require_grads() (the "
+    "second removes the requires_grad_() hook, which stays after the first; re-enable both "
+    "after), or call the wrapped function directly instead of "
+    "torch.utils.checkpoint.checkpoint(fn, ...). Checkpointing trades compute for the memory of "
+    "a training backward; hessfunc's products bound their memory with chunk_size instead."
+)
+
+
+def _checkpointing(err: BaseException) -> bool:
+    """Whether ``err`` comes from activation checkpointing inside a torch.func transform.
+
+    Three failures, one cause: non-reentrant ``torch.utils.checkpoint`` raises "don't yet
+    support saved tensor hooks"; the reentrant form is an old-style ``autograd.Function``
+    (``CheckpointFunction``); transformers' ``gradient_checkpointing_enable()`` registers a
+    forward hook that calls ``requires_grad_()`` on the embeddings' output, which torch.func
+    refuses. The last two messages do not name checkpointing, so the traceback is read too.
+    """
+    msg = str(err)
+    if "saved tensor hooks" in msg:
+        return True
+    tb = err.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_filename.replace("\\", "/").endswith("torch/utils/checkpoint.py"):
+            return True
+        if code.co_name in ("make_inputs_require_grads", "_checkpoint_without_reentrant"):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def ad_error_hint(where: str, mode: str, err: BaseException) -> NotImplementedError | None:
     """hessfunc's error for an op in ``f`` that lacks the derivative ``mode`` needs, else None.
 
@@ -259,8 +295,12 @@ def ad_error_hint(where: str, mode: str, err: BaseException) -> NotImplementedEr
     mode, or a double backward), which the op may lack too, so the message says so and points
     at :func:`hessfunc.check_hvp` to confirm a result.
     """
+    if isinstance(err, _pseudo.PseudoGradient):
+        return NotImplementedError(f"{where}: {err}")
     msg = str(err)
     first = _first_line(err)
+    if _checkpointing(err):
+        return NotImplementedError(f"{where}: {_CHECKPOINT_ADVICE} ({first})")
     for markers, advice in _TRANSFORM_LIMITS:
         if any(m in msg for m in markers):
             return NotImplementedError(f"{where}: {advice} ({first})")

@@ -26,10 +26,13 @@ if a callable reaching one of these kernels is missing from the table. Internal 
 only the routed functions call (``_batch_norm_impl_index``, the cuDNN and MIOpen kernels) are
 reached only through routed callers and need no entry.
 
-Three ops outside the normalisation family are routed the same way for other reasons:
+Four ops outside the normalisation family are routed the same way for other reasons:
 ``masked_select`` with a mask that broadcasts its input, whose backward vmap batches wrongly
-(see :func:`masked_select`), and ``dot`` / ``vdot``, whose compiled forward-mode derivative
-crashes (see :func:`dot`).
+(see :func:`masked_select`), ``as_strided_scatter``, whose backward does not zero what it
+overwrites (see :func:`as_strided_scatter`), and ``dot`` / ``vdot``, whose compiled
+forward-mode derivative crashes (see :func:`dot`). The embedding lookups whose backward is a
+pseudo-gradient (``padding_idx``, ``scale_grad_by_freq``) and the bag reductions, which have no
+second derivatives, are routed to ``_pseudo``, which says how each is read.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from . import _pseudo
 
 # ----------------------------------------------------------------------------- formulas
 
@@ -223,6 +228,26 @@ def masked_select(input, mask):
     return torch.masked_select(input.expand(shape), mask.expand(shape))
 
 
+def as_strided_scatter(input, src, size, stride, storage_offset=None):
+    """``as_strided_scatter`` as a ``scatter`` over the flat positions it writes.
+
+    torch's backward for ``input`` does not zero the positions that ``src`` overwrites (torch
+    2.13: the gradient of ``input`` there equals the gradient of ``src``), so even the first
+    derivative is wrong and the Hessian comes out asymmetric, with fwd-rev and rev-rev
+    disagreeing; the value-based checks of the op sweep found it. ``scatter`` has the right
+    derivatives of every order. For a contiguous ``input`` at offset 0 (every tensor hessfunc
+    differentiates), the positions written are those of ``arange(numel).as_strided(...)``;
+    other layouts keep the op.
+    """
+    if not input.is_contiguous() or input.storage_offset() != 0:
+        return torch.as_strided_scatter(input, src, size, stride, storage_offset)
+    where = torch.arange(input.numel(), device=input.device).as_strided(
+        size, stride, storage_offset or 0
+    )
+    flat = input.reshape(-1).scatter(0, where.reshape(-1), src.reshape(-1).to(input.dtype))
+    return flat.reshape(input.shape)
+
+
 def dot(input, tensor):
     """``torch.dot`` as a product and a sum.
 
@@ -257,8 +282,13 @@ _ATEN: dict[str, Callable[..., Any]] = {
     "_weight_norm": weight_norm,
     "_weight_norm_interface": weight_norm_interface,
     "masked_select": masked_select,
+    "as_strided_scatter": as_strided_scatter,
     "dot": dot,
     "vdot": vdot,
+    # pseudo-gradients (see ``_pseudo``)
+    "embedding": _pseudo.embedding,
+    "embedding_bag": _pseudo.embedding_bag,
+    "_embedding_bag": _pseudo._embedding_bag,
 }
 # torch.nn.functional wrappers, whose argument order differs from the aten schema
 _FUNCTIONAL: dict[Callable[..., Any], Callable[..., Any]] = {
@@ -267,6 +297,8 @@ _FUNCTIONAL: dict[Callable[..., Any], Callable[..., Any]] = {
     F.batch_norm: F_batch_norm,
     F.instance_norm: F_instance_norm,
     F.group_norm: group_norm,
+    F.embedding: _pseudo.F_embedding,
+    F.embedding_bag: _pseudo.F_embedding_bag,
 }
 
 

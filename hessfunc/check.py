@@ -35,6 +35,9 @@ import torch
 from torch.func import jacrev, vmap
 
 from . import _checks, _tree
+from ._checks import LowPrecisionWarning
+from ._diagnoses import diagnose as _diagnose
+from ._diagnoses import lower_precision as _lower_precision
 from ._types import PyTree
 from .fd import (
     _check_order,
@@ -48,7 +51,14 @@ from .fd import (
 from .hessian import hessian_matrix
 from .hvp import hvps
 
-__all__ = ["TOLERANCES", "CheckReport", "check_grad", "check_hessian", "check_hvp"]
+__all__ = [
+    "TOLERANCES",
+    "CheckReport",
+    "LowPrecisionWarning",
+    "check_grad",
+    "check_hessian",
+    "check_hvp",
+]
 
 TOLERANCES: dict[torch.dtype, dict[str, float]] = {
     torch.float64: {"rtol": 1e-6, "atol": 1e-7},
@@ -84,83 +94,6 @@ class CheckReport(NamedTuple):
     rtol: float
     atol: float
     message: str
-
-
-# ----------------------------------------------------------------------------- diagnoses
-
-_FD_NOTE = (
-    "To rule out the finite differences themselves, rerun with order=4 or another step (e.g. "
-    "10x and 0.1x the reported step): an error that changes by orders of magnitude with the step "
-    "is finite-difference error (f not smooth near params, e.g. ReLU or max-pool kinks, or a "
-    "step too small for the dtype), while a real bug gives an error that stays put."
-)
-
-_CAUSES = {
-    "grad": (
-        "the gradient of f disagrees with finite differences of f itself: the backward formula "
-        "of an op in f is probably wrong (a custom autograd.Function's backward, or a hook that "
-        "changes gradients), or f is not a deterministic, smooth function of params (dropout, "
-        "randomness, in-place state, or a kink at params)."
-    ),
-    "hvp": (
-        "the HVP disagrees with finite differences of the gradient while the gradient itself is "
-        "right: the backward of an op in f is probably not differentiable (a custom "
-        "autograd.Function whose backward uses non-differentiable ops or .detach()), or a "
-        "second-derivative rule of an op is wrong."
-    ),
-    "fwd-rev": (
-        "mode='fwd-rev' disagrees with finite differences while mode='rev-rev' agrees: the "
-        "forward-mode (jvp) rule of an op in f is wrong (a custom autograd.Function's jvp "
-        "staticmethod, or a forward-over-reverse formula of a fused kernel); use mode='rev-rev'."
-    ),
-    "rev-rev": (
-        "mode='rev-rev' disagrees with finite differences while mode='fwd-rev' agrees: the "
-        "double-backward of an op in f is wrong (a custom autograd.Function's backward that "
-        "is not differentiable, while its jvp is right); use mode='fwd-rev'."
-    ),
-    "symmetry": (
-        "<u, Hv> != <Hu, v>: the computed Hessian operator is not symmetric, so a "
-        "second-derivative rule in f is wrong or f is not twice continuously differentiable "
-        "at params."
-    ),
-    "matrix-vs-hvp": (
-        "the dense Hessian disagrees with the matrix-free product along the same direction: "
-        "a bug in hessfunc or in an op's batching (vmap) rule; please report it."
-    ),
-    "raised": (
-        "autodiff raised instead of returning a value; see the exception text. For missing "
-        "forward-mode AD pass modes=('rev-rev',)."
-    ),
-}
-
-
-def _diagnose(where: str, errors: dict[str, float], raised: dict[str, str], rtol: float) -> str:
-    failed = [name for name, e in errors.items() if not e <= rtol]
-    if not failed:
-        return ""
-    lines = [f"{where} failed (rtol={rtol:g}):"]
-    for name, e in errors.items():
-        mark = "FAILED" if name in failed else "ok"
-        extra = f" (raised {raised[name]})" if name in raised else ""
-        lines.append(f"  {name}: max relative error {e:.3g} [{mark}]{extra}")
-    second_all = [n for n in errors if n.startswith(("hvp[", "hessian["))]
-    second = [n for n in failed if n in second_all]
-    if "grad" in failed:
-        cause = _CAUSES["grad"]
-    elif second and all(n in raised for n in second):
-        cause = _CAUSES["raised"]
-    elif len(second) == 1 and len(second_all) > 1:
-        cause = _CAUSES[second[0].split("[")[1].rstrip("]")]
-    elif second:
-        what = "HVP" if second[0].startswith("hvp[") else "Hessian"
-        cause = _CAUSES["hvp"].replace("the HVP", f"the {what}", 1)
-    elif "symmetry" in failed:
-        cause = _CAUSES["symmetry"]
-    else:
-        cause = _CAUSES[failed[0]]
-    lines.append(f"Likely cause: {cause}")
-    lines.append(_FD_NOTE)
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -275,8 +208,9 @@ def _finish(
     rtol: float,
     atol: float,
     raise_on_fail: bool,
+    lower: tuple[str, str] | None = None,
 ) -> CheckReport:
-    message = _diagnose(where, errors, raised, rtol)
+    message = _diagnose(where, errors, raised, rtol, lower)
     base = float(step) if step is not None else default_step(_least_precise(params), order)
     report = CheckReport(not message, errors, base, dirs, rtol, atol, message)
     if message and raise_on_fail:
@@ -347,7 +281,8 @@ def check_grad(
     rtol_, atol_ = _tolerances(where, params, rtol, atol)
     dirs = _unit_directions(params, n_directions, generator)
     errors = {"grad": _grad_error(where, f, params, args, dirs, step, order, atol_ / rtol_)}
-    return _finish(where, errors, {}, params, step, order, dirs, rtol_, atol_, raise_on_fail)
+    lower = _lower_precision(f, params, args)
+    return _finish(where, errors, {}, params, step, order, dirs, rtol_, atol_, raise_on_fail, lower)
 
 
 def check_hvp(
@@ -425,7 +360,10 @@ def check_hvp(
     errors["symmetry"] = (
         float("inf") if first is None else _symmetry_error(_gram(dirs, first), floor)
     )
-    return _finish(where, errors, raised, params, step, order, dirs, rtol_, atol_, raise_on_fail)
+    lower = _lower_precision(f, params, args)
+    return _finish(
+        where, errors, raised, params, step, order, dirs, rtol_, atol_, raise_on_fail, lower
+    )
 
 
 def check_hessian(
@@ -527,4 +465,7 @@ def check_hessian(
             if hv is None
             else _rel(from_matrix, vmap(lambda t: _tree.ravel(t)[0])(hv), floor)
         )
-    return _finish(where, errors, raised, params, step, order, dirs, rtol_, atol_, raise_on_fail)
+    lower = _lower_precision(f, params, args)
+    return _finish(
+        where, errors, raised, params, step, order, dirs, rtol_, atol_, raise_on_fail, lower
+    )

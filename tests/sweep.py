@@ -35,6 +35,24 @@ jumps or kinks at the sample), and autograd's gradient must agree with differenc
 objective itself (else the backward formula is a convention there, e.g. repeated scatter
 indices). Where either reference finds a sample unusable, both skip it.
 
+References built from the VALUE of the objective alone, which no backward formula can leak
+into (a pseudo-gradient such as an embedding's zeroed padding row is inherited by differences of
+autograd's gradient, and those agree with the forward mode that differentiates it):
+
+* ``u^T H v`` from second differences ``(L(x+hu+hv) - L(x+hu-hv) - L(x-hu+hv) + L(x-hu-hv)) /
+  4h^2`` on the same ladder (``value_reference``), compared with ``<u, H v>`` for ``hvp`` and
+  ``hessian_matrix``; for ``ggn_vp``, ``(J u)^T C (J v)`` with both Jacobian products from
+  differences of the outputs (``ggn_value_reference``);
+* symmetry ``<u, M v> = <M u, v>`` (always for ``hessian_matrix``; for the products only where
+  the value reference does not converge, since matching it along random ``u, v`` already pins the
+  product to the symmetric Hessian);
+* fwd-rev equal to rev-rev for every product.
+
+A failure of any of them makes the product ``wrong`` even where it matched the gradient
+references (``value_verdict``); where autograd's gradient is not the derivative of the value
+(``first_order_reason``), they alone judge the sample. Entries hessfunc holds constant
+(``Problem.hold``: an embedding's padding row) are zeroed in the directions of every reference.
+
 A product agrees with its reference when
 
     |exact - ref| <= rtol |ref| + atol + 2 err        (norms over the flattened product)
@@ -59,6 +77,7 @@ import torch
 from conftest import tol
 
 import hessfunc
+from hessfunc import _context
 
 F64 = torch.float64
 PRODUCTS = ("hvp", "hessian_matrix", "ggn_vp")
@@ -150,6 +169,14 @@ class Problem:
     # what the references evaluate, if not ``model`` (the module sweep keeps hessfunc's
     # from_module out of its references)
     reference_model: Callable[..., tuple[torch.Tensor, ...]] | None = None
+    # zeroes the entries hessfunc holds constant (an embedding's padding row): the references
+    # differentiate along directions projected by it, so they describe the function hessfunc
+    # differentiates (P H P), while hessfunc gets the full directions
+    hold: Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]] | None = None
+    # why the value-based checks do not apply, if they do not: an op that draws random numbers
+    # from a seed it sets itself is a function of its inputs by value, but torch declares the
+    # draw constant (``normal``'s gradient is zero), so its values describe another function
+    no_value_checks: str | None = None
 
     def set_weights(self, outs: tuple[torch.Tensor, ...]) -> None:
         g = torch.Generator().manual_seed(self.seed)
@@ -167,13 +194,23 @@ class Problem:
         return self.loss(self.model(params, *rest))
 
     def outputs_for_reference(self, params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        return (self.reference_model or self.model)(params, *self.rest)
+        # the fused inference path of nn.TransformerEncoder, taken without gradients, gives
+        # other values at padded positions than the layers' own ops; hessfunc evaluates f with
+        # it off, and so must every reference evaluated under no_grad
+        with _context.attention_fastpath_off():
+            return (self.reference_model or self.model)(params, *self.rest)
 
-    def direction(self) -> tuple[torch.Tensor, ...]:
-        g = torch.Generator().manual_seed(self.seed + 1)
+    def direction(self, salt: int = 1) -> tuple[torch.Tensor, ...]:
+        """``v`` (``salt=1``) or the second direction ``u`` of the value checks (``salt=2``)."""
+        g = torch.Generator().manual_seed(self.seed + salt)
         v = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in self.params]
         top = max((t.abs().max().item() for t in v if t.numel()), default=1.0)
         return tuple(t / top for t in v)
+
+    def project(self, d: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """``d`` with the entries hessfunc holds constant zeroed (``hold``): the references
+        differentiate along projected directions, hessfunc gets the full ones."""
+        return d if self.hold is None else self.hold(d)
 
     @property
     def size(self) -> int:
@@ -245,8 +282,13 @@ def richardson(
     center: torch.Tensor,
     scale: float,
     dtype: torch.dtype = F64,
+    value_size: float = 0.0,
 ) -> Reference:
     """Best-agreeing pair of Richardson estimates over the step ladder (module docstring).
+
+    ``value_size``: where ``F`` is itself a difference quotient of values of size
+    ``value_size`` (``value_reference``), its rounding grows like ``value_size / h``, and so
+    does the rounding level of the defect.
 
     ``pair(h)`` is ``(F(params + h v), F(params - h v))`` and ``center`` is ``F(params)``. Besides
     convergence, the midpoint defect ``(F(+h) + F(-h)) / 2 - F(0)`` must shrink like ``h^2``
@@ -280,7 +322,7 @@ def richardson(
         return ref
     best = steps.index(ref.step) - 1
     # rounding level of the defect: a few units in the last place of F
-    noise = 64 * torch.finfo(dtype).eps * max(_norm(center), 1e-300)
+    noise = 64 * torch.finfo(dtype).eps * max(_norm(center), value_size / ref.step, 1e-300)
     small, large = defect[best + 1], defect[best]
     if ref.err > conv["rtol"] * _norm(ref.value) + conv["atol"]:
         ref.reason = "fd-not-converged"
@@ -360,6 +402,174 @@ def ggn_reference(problem: Problem, v: tuple[torch.Tensor, ...]) -> Reference:
     if ref.reason is None and _norm(gv) == 0.0:
         ref.reason = "zero-product"
     return ref
+
+
+# ----------------------------------------------------------------------------- by value
+
+
+def _shifted2(params: tuple, u: tuple, a: float, v: tuple, b: float) -> tuple:
+    return tuple(
+        (p.detach() + a * s + b * t).to(p.dtype) for p, s, t in zip(params, u, v, strict=True)
+    )
+
+
+def value_reference(problem: Problem, u: tuple, v: tuple) -> Reference:
+    """``u^T H v`` from second differences of the objective's VALUE (no derivative at all).
+
+    ``(L(x+hu+hv) - L(x+hu-hv) - L(x-hu+hv) + L(x-hu-hv)) / 4h^2`` on the step ladder, written
+    as central differences along ``u`` of central differences along ``v`` so that
+    :func:`richardson` extrapolates it; its midpoint defect is measured against the directional
+    derivative along ``v``, itself from differences of values. A backward formula that is not
+    the derivative of the forward (a pseudo-gradient) cannot leak into this reference.
+    """
+
+    def value(params: tuple) -> torch.Tensor:
+        return problem.loss(problem.outputs_for_reference(params)).reshape(1)
+
+    x = problem.params
+
+    def along_v(h: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return value(shifted(x, v, h)), value(shifted(x, v, -h))
+
+    def pair(h: float) -> tuple[torch.Tensor, torch.Tensor]:
+        plus = (value(_shifted2(x, u, h, v, h)) - value(_shifted2(x, u, h, v, -h))) / (2 * h)
+        minus = (value(_shifted2(x, u, -h, v, h)) - value(_shifted2(x, u, -h, v, -h))) / (2 * h)
+        return plus, minus
+
+    with torch.no_grad():
+        at = value(x)
+        slope = richardson(along_v, at, problem.scale, problem.dtype)
+    if slope.value is None:
+        return slope
+    ref = richardson(pair, slope.value, problem.scale, problem.dtype, _norm(at))
+    if ref.reason is None and slope.reason not in (None, "zero-product"):
+        ref.reason = slope.reason
+    return ref
+
+
+def ggn_value_reference(problem: Problem, u: tuple, v: tuple) -> Reference:
+    """``(J u)^T C (J v)``, both Jacobian products by differences of the outputs' values."""
+
+    def outputs(params: tuple) -> torch.Tensor:
+        return flat(problem.outputs_for_reference(params), problem.w)
+
+    with torch.no_grad():
+        center = outputs(problem.params)
+    ju, jv = (
+        richardson(
+            lambda h, d=d: (
+                outputs(shifted(problem.params, d, h)),
+                outputs(shifted(problem.params, d, -h)),
+            ),
+            center,
+            problem.scale,
+            problem.dtype,
+        )
+        for d in (u, v)
+    )
+    for r in (ju, jv):
+        if r.value is None or r.reason not in (None, "zero-product"):
+            return Reference(reason=r.reason or "no reference")
+    c = flat(problem.c, problem.c)
+    value = (c * ju.value * jv.value).sum().reshape(1)
+    err = _norm(c * ju.value) * jv.err + _norm(c * jv.value) * ju.err
+    ref = Reference(value, err, None, min(ju.step, jv.step))
+    if _norm(value) == 0.0:
+        ref.reason = "zero-product"
+    return ref
+
+
+@dataclass
+class ValueChecks:
+    """What the value-based checks of one problem compare against."""
+
+    u: tuple[torch.Tensor, ...]
+    hessian: Reference  # u^T H v
+    ggn: Reference  # (J u)^T C (J v)
+
+
+def value_checks(problem: Problem, v: tuple) -> ValueChecks:
+    u = problem.direction(salt=2)
+    pu, pv = problem.project(u), problem.project(v)
+    try:
+        with quiet():
+            return ValueChecks(
+                u, value_reference(problem, pu, pv), ggn_value_reference(problem, pu, pv)
+            )
+    except Exception as err:  # noqa: BLE001 - the sample cannot be differenced
+        reason = f"reference fails ({first_line(err)[:80]})"
+        return ValueChecks(u, Reference(reason=reason), Reference(reason=reason))
+
+
+def _vdot(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.to(F64) * b.to(F64)).sum())
+
+
+def by_value(
+    ref: Reference,
+    uv: float,
+    vu: float,
+    scale: float,
+    dtype: torch.dtype = F64,
+) -> str | None:
+    """Why ``uv = <u, M v>`` and ``vu = <v, M u>`` are not the second derivative ``ref``, or
+    ``None``.
+
+    Two checks: symmetry (``uv == vu``, within ``rtol * scale`` with ``scale = |u| |Mv| +
+    |v| |Mu|``, ``fd-sweep`` tolerances) and, where the value reference is usable, ``uv``
+    against it, within ``rtol |ref| + atol + 2 err`` with the looser ``fd-value`` tolerances
+    (conftest.py says why). Where the value
+    reference is usable, the callers pass ``vu = uv`` and spare the product along ``u``: a
+    product that matches the second differences (a symmetric form) along random ``u, v`` is,
+    with probability one, the Hessian itself.
+    """
+    t = tol("fd-sweep" if dtype == F64 else "fd", dtype)
+    if not (math.isfinite(uv) and math.isfinite(vu)):
+        return None  # non-finite products are judged by the gradient references
+    if abs(uv - vu) > t["rtol"] * scale + t["atol"]:
+        return f"not symmetric: <u, Mv> {uv:.6e} vs <Mu, v> {vu:.6e}"
+    if ref.value is None or ref.reason not in (None, "zero-product"):
+        return None
+    r = float(ref.value.reshape(-1)[0])
+    t = tol("fd-value", F64 if dtype == F64 else torch.float32)
+    if abs(uv - r) > t["rtol"] * abs(r) + t["atol"] + 2 * ref.err:
+        return (
+            f"second differences of the value give u^T M v = {r:.6e} (error {ref.err:.1e}), "
+            f"the product {uv:.6e}"
+        )
+    return None
+
+
+def modes_disagree(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = F64) -> str | None:
+    """Why the two AD modes' products differ, or ``None``."""
+    t = tol("fd-sweep" if dtype == F64 else "fd", dtype)
+    if a.shape != b.shape or not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return None
+    diff = _norm(a.to(F64) - b.to(F64))
+    size = max(_norm(a), _norm(b))
+    if diff > t["rtol"] * size + t["atol"]:
+        return f"fwd-rev and rev-rev differ: |difference| {diff:.2e}, |product| {size:.2e}"
+    return None
+
+
+def usable(ref: Reference) -> bool:
+    return ref.value is not None and ref.reason in (None, "zero-product")
+
+
+def value_verdict(verdict: Verdict, finding: str | None, checked: bool) -> Verdict:
+    """Fold a value-check finding into a gradient-reference verdict.
+
+    A finding turns ``exact`` (and a skip because autograd's gradient is not the derivative,
+    which is where pseudo-gradients live) into ``wrong``; with no finding such a skip becomes
+    ``exact`` by value where the value reference was usable (``checked``). Errors and other
+    skips stay as they are.
+    """
+    pseudo = verdict.state == "skipped" and verdict.detail == PSEUDO_SKIP
+    if finding is not None and (verdict.state == "exact" or pseudo):
+        return Verdict("wrong", f"by value: {finding}", math.inf)
+    if finding is None and pseudo and checked:
+        return Verdict("exact", "by value (autograd's gradient is not the derivative here)")
+    return verdict
 
 
 # ----------------------------------------------------------------------------- verdicts
@@ -450,11 +660,12 @@ def aggregate(verdicts: list[Verdict]) -> Verdict:
     raise AssertionError(verdicts)
 
 
+PSEUDO_SKIP = "autograd's gradient is not the derivative here"
 _UNUSABLE = (
     "fd-not-converged",
     "not smooth at the sample",
     "fd-non-finite",
-    "autograd's gradient is not the derivative here",
+    PSEUDO_SKIP,
 )
 
 
@@ -494,6 +705,7 @@ def references(problem: Problem, v: tuple[torch.Tensor, ...]) -> tuple[Reference
     misleads differences of the gradient. Either way the sample tells nothing, and neither does
     one where autograd's gradient is not the derivative (``first_order_reason``).
     """
+    v = problem.project(v)
     try:
         h_ref, g_ref = hvp_reference(problem, v), ggn_reference(problem, v)
     except Exception as err:  # noqa: BLE001 - the sample cannot be differenced (a harness limit)
@@ -523,33 +735,89 @@ def _check_problem(
     v = problem.direction()
     v_flat = flat(v, problem.params)
     h_ref, g_ref = references(problem, v)
+    # the references built from values only: where the sample is smooth and converged (or
+    # where autograd's gradient is not the derivative, which only they can judge)
+    judged = h_ref.reason in (None, "zero-product", PSEUDO_SKIP)
+    if problem.no_value_checks is not None and h_ref.reason == PSEUDO_SKIP:
+        judged = False
+    vals = value_checks(problem, v) if judged else None
+    u = vals.u if vals else None
+    u_flat = flat(u, problem.params) if vals else None
     params, rest = problem.params, problem.rest
     out: dict[tuple[str, str], Verdict] = {}
+    results: dict[tuple[str, str], torch.Tensor] = {}
+
+    def product(
+        name: str, mode: str, apply: Callable[[tuple], Any], ref: Reference, vref: Reference | None
+    ) -> Verdict:
+        try:
+            with quiet():
+                mv = flat(apply(v), params).detach()
+        except Exception as err:  # noqa: BLE001 - every escape is classified
+            return Verdict("clear-error" if is_clear_error(err) else "raw-error", first_line(err))
+        verdict = judge(mv, ref, problem.dtype)
+        results[name, mode] = mv
+        if vref is None:
+            return verdict
+        uv = _vdot(u_flat, mv)
+        if usable(vref):
+            # matching the second differences along random u, v already pins the product to
+            # the (symmetric) Hessian; spare the product along u
+            finding = by_value(vref, uv, uv, 0.0, problem.dtype)
+            return value_verdict(verdict, finding, True)
+        try:
+            with quiet():
+                mu = flat(apply(u), params).detach()
+        except Exception as err:  # noqa: BLE001
+            return Verdict("clear-error" if is_clear_error(err) else "raw-error", first_line(err))
+        scale = _norm(u_flat) * _norm(mv) + _norm(v_flat) * _norm(mu)
+        finding = by_value(vref, uv, _vdot(v_flat, mu), scale, problem.dtype)
+        return value_verdict(verdict, finding, False)
+
     for mode in modes:
         if "hvp" in products:
-            out["hvp", mode] = run_product(
-                lambda: flat(hessfunc.hvp(problem.f, params, v, *rest, mode=mode), params),
+            out["hvp", mode] = product(
+                "hvp",
+                mode,
+                lambda d: hessfunc.hvp(problem.f, params, d, *rest, mode=mode),
                 h_ref,
-                problem.dtype,
+                vals.hessian if vals else None,
             )
         if "hessian_matrix" in products:
             if problem.size > MAX_DENSE:
                 out["hessian_matrix", mode] = Verdict("skipped", f"n > {MAX_DENSE}")
             else:
-                out["hessian_matrix", mode] = _dense_verdict(problem, mode, v_flat, h_ref)
+                out["hessian_matrix", mode] = _dense_verdict(
+                    problem, mode, v_flat, h_ref, vals, u_flat, results
+                )
         if "ggn_vp" in products:
-            out["ggn_vp", mode] = run_product(
-                lambda: flat(
-                    hessfunc.ggn_vp(problem.model, problem.loss, params, v, *rest, mode=mode),
-                    params,
-                ),
+            out["ggn_vp", mode] = product(
+                "ggn_vp",
+                mode,
+                lambda d: hessfunc.ggn_vp(problem.model, problem.loss, params, d, *rest, mode=mode),
                 g_ref,
-                problem.dtype,
+                vals.ggn if vals else None,
             )
+    if judged and len(modes) == 2:
+        for name in products:
+            a, b = results.get((name, modes[0])), results.get((name, modes[1]))
+            if a is None or b is None:
+                continue
+            finding = modes_disagree(a, b, problem.dtype)
+            for mode in modes:
+                out[name, mode] = value_verdict(out[name, mode], finding, False)
     return out
 
 
-def _dense_verdict(problem: Problem, mode: str, v_flat: torch.Tensor, ref: Reference) -> Verdict:
+def _dense_verdict(
+    problem: Problem,
+    mode: str,
+    v_flat: torch.Tensor,
+    ref: Reference,
+    vals: ValueChecks | None = None,
+    u_flat: torch.Tensor | None = None,
+    results: dict | None = None,
+) -> Verdict:
     try:
         with quiet():
             H = hessfunc.hessian_matrix(problem.f, problem.params, *problem.rest, mode=mode)
@@ -559,9 +827,16 @@ def _dense_verdict(problem: Problem, mode: str, v_flat: torch.Tensor, ref: Refer
     if H.shape != (n, n):
         return Verdict("wrong", f"shape {tuple(H.shape)}, expected {(n, n)}", math.inf)
     H = H.detach().to(F64)
+    if results is not None:
+        results["hessian_matrix", mode] = H
     rows = judge(H @ v_flat, ref, problem.dtype)
     cols = judge(H.T @ v_flat, ref, problem.dtype)
     worse = max((rows, cols), key=lambda x: (x.state == "wrong", x.rel_err))
     if worse is cols and cols.state == "wrong":
         worse.detail = "H^T v: " + worse.detail
-    return worse
+    if vals is None or u_flat is None:
+        return worse
+    hv, hu = H @ v_flat, H @ u_flat
+    scale = _norm(u_flat) * _norm(hv) + _norm(v_flat) * _norm(hu)
+    finding = by_value(vals.hessian, _vdot(u_flat, hv), _vdot(v_flat, hu), scale, problem.dtype)
+    return value_verdict(worse, finding, usable(vals.hessian))

@@ -85,6 +85,24 @@ def _extra() -> dict[str, Callable[[bool], list[Input]]]:
         "nn.EmbeddingBag": one(lambda: nn.EmbeddingBag(5, 3, mode="mean"), tokens(2, 4)),
         "nn.EmbeddingBag(mode=max)": one(lambda: nn.EmbeddingBag(5, 3, mode="max"), tokens(2, 4)),
         "nn.Embedding(max_norm=0.5)": one(lambda: nn.Embedding(5, 3, max_norm=0.5), tokens(2, 4)),
+        # pseudo-gradients: hessfunc holds the padding row constant and differentiates the plain
+        # lookup for scale_grad_by_freq (hessfunc/_pseudo.py)
+        "nn.Embedding(padding_idx=0)": one(lambda: nn.Embedding(5, 3, padding_idx=0), tokens(2, 4)),
+        "nn.Embedding(padding_idx=-1)": one(
+            lambda: nn.Embedding(5, 3, padding_idx=-1), tokens(2, 4)
+        ),
+        "nn.Embedding(scale_grad_by_freq)": one(
+            lambda: nn.Embedding(5, 3, scale_grad_by_freq=True), tokens(2, 4)
+        ),
+        "nn.Sequential(Embedding(padding_idx=0), Flatten, Linear)": one(
+            lambda: nn.Sequential(
+                nn.Embedding(5, 3, padding_idx=0), nn.Flatten(), nn.Linear(12, 2)
+            ),
+            lambda: torch.tensor([[0, 1, 0, 4], [2, 0, 3, 3]]),
+        ),
+        "nn.EmbeddingBag(padding_idx=0)": one(
+            lambda: nn.EmbeddingBag(5, 3, mode="mean", padding_idx=0), tokens(2, 4)
+        ),
         "nn.AdaptiveLogSoftmaxWithLoss": one(
             lambda: nn.AdaptiveLogSoftmaxWithLoss(4, 6, [3]), x(5, 4), tokens(5, high=6)
         ),
@@ -450,6 +468,7 @@ def problem_for(
         rest=rest,
         seed=sweep.stable_seed(key, training, index),
         reference_model=reference,
+        hold=_held_rows(module, names, len(params)),
     )
     if not params or problem.size == 0:
         return module, problem, "nothing to differentiate"
@@ -483,20 +502,53 @@ def problem_for(
     return module, problem, None
 
 
+def _held_rows(module: nn.Module, names: list[str], n: int):
+    """The projection zeroing the padding rows hessfunc holds constant, or ``None``."""
+    rows: list[tuple[int, int]] = []
+    for prefix, sub in module.named_modules():
+        if isinstance(sub, nn.Embedding) and sub.padding_idx is not None:
+            name = f"{prefix}.weight" if prefix else "weight"
+            if name in names:
+                rows.append((names.index(name), sub.padding_idx % sub.num_embeddings))
+    if not rows:
+        return None
+
+    def hold(d: tuple) -> tuple:
+        d = list(d)
+        for i, row in rows:
+            d[i] = d[i].clone()
+            d[i][row] = 0
+        return tuple(d)
+
+    return hold
+
+
 def _select(model, keep: list[int]):
     return lambda params, *rest: tuple(model(params, *rest)[i] for i in keep)
 
 
 def check_mode(
-    module: nn.Module, problem: Problem, mode: str, ref: sweep.Reference | None, skip: str | None
+    module: nn.Module,
+    problem: Problem,
+    mode: str,
+    ref: sweep.Reference | None,
+    skip: str | None,
+    vals: sweep.ValueChecks | None = None,
+    products: dict[str, torch.Tensor] | None = None,
 ) -> Verdict:
-    """``hvp`` in one mode: exact against the reference, and nothing about the module changed."""
+    """``hvp`` in one mode: exact against the reference, and nothing about the module changed.
+
+    With ``vals``, also symmetric and equal to second differences of the value along ``u, v``
+    (``sweep.by_value``); the product is left in ``products[mode]`` for the mode comparison.
+    """
     before = snapshot(module)
+    v = problem.direction()
     try:
         with sweep.quiet():
-            hv = hessfunc.hvp(
-                problem.f, problem.params, problem.direction(), *problem.rest, mode=mode
-            )
+            hv = hessfunc.hvp(problem.f, problem.params, v, *problem.rest, mode=mode)
+            hu = None
+            if vals is not None and skip is None and not sweep.usable(vals.hessian):
+                hu = hessfunc.hvp(problem.f, problem.params, vals.u, *problem.rest, mode=mode)
         exact, error = sweep.flat(hv, problem.params), None
     except Exception as err:  # noqa: BLE001
         exact, error = None, err
@@ -508,6 +560,22 @@ def check_mode(
         verdict = Verdict("skipped", skip)
     else:
         verdict = sweep.judge(exact.detach(), ref, problem.dtype)
+        if vals is not None:
+            exact = exact.detach()
+            if products is not None:
+                products[mode] = exact
+            u_flat = sweep.flat(vals.u, problem.params)
+            uv = sweep._vdot(u_flat, exact)
+            vu, scale = uv, 0.0  # a usable value reference pins the product (sweep.by_value)
+            if hu is not None:
+                v_flat = sweep.flat(v, problem.params)
+                hu_flat = sweep.flat(hu, problem.params).detach()
+                vu = sweep._vdot(v_flat, hu_flat)
+                scale = sweep._norm(u_flat) * sweep._norm(exact) + sweep._norm(
+                    v_flat
+                ) * sweep._norm(hu_flat)
+            finding = sweep.by_value(vals.hessian, uv, vu, scale, problem.dtype)
+            verdict = sweep.value_verdict(verdict, finding, sweep.usable(vals.hessian))
     if not mutated:
         return verdict
     # A wrong number stays the verdict (it is the worse failure); otherwise the mutation is.
@@ -530,7 +598,9 @@ def run_module(key: str, training: bool) -> ModuleResult:
     per: dict[str, list[Verdict]] = {m: [] for m in sweep.MODES}
     for i, item in enumerate(_inputs(key, training)):
         result.inputs += 1
-        ref = None
+        ref, vals = None, None
+        products: dict[str, torch.Tensor] = {}
+        current: dict[str, Verdict] = {}
         for mode in sweep.MODES:
             try:
                 module, problem, skip = problem_for(key, item, training, i)
@@ -543,8 +613,17 @@ def run_module(key: str, training: bool) -> ModuleResult:
                 if skip is None and ref is None:
                     with sweep.quiet():
                         ref = sweep.references(problem, problem.direction())[0]
-                verdict = check_mode(module, problem, mode, ref, skip)
+                    if ref.reason in (None, "zero-product", sweep.PSEUDO_SKIP):
+                        vals = sweep.value_checks(problem, problem.direction())
+                verdict = check_mode(module, problem, mode, ref, skip, vals, products)
             verdict.sample = i
+            current[mode] = verdict
+        if len(products) == 2:
+            finding = sweep.modes_disagree(*products.values(), problem.dtype)
+            for mode in current:
+                current[mode] = sweep.value_verdict(current[mode], finding, False)
+                current[mode].sample = i
+        for mode, verdict in current.items():
             per[mode].append(verdict)
     result.verdicts = {m: sweep.aggregate(vs) for m, vs in per.items()}
     result.seconds = time.perf_counter() - start

@@ -2,8 +2,10 @@
 
 Each case (a ``module_db`` ModuleInfo, a hand-written configuration, or a class built with
 default arguments: ``tests/sweep_modules.py``) runs in training and in evaluation mode, through
-``hvp`` in both AD modes, against finite differences of plain autograd gradients
-(``tests/sweep.py``). Around every call, also one that raises, the module's parameters, buffers,
+``hvp`` in both AD modes, against finite differences of plain autograd gradients and against
+second differences of the objective's value, symmetry and fwd-rev = rev-rev (``tests/sweep.py``;
+an embedding's padding row, which hessfunc holds constant, is zeroed in the references'
+directions). Around every call, also one that raises, the module's parameters, buffers,
 plain tensor attributes, ``.grad``, ``requires_grad``, training flags and the global RNG are
 compared. Each (module, mode) ends in one state: ``exact`` (and untouched), ``clear-error`` (a
 hessfunc refusal), ``skipped`` (no usable input), or a failure: ``wrong``, ``mutates``,
@@ -64,6 +66,9 @@ FAST = frozenset(
         "parametrizations.weight_norm(nn.Linear)",
         "utils.spectral_norm(nn.Linear)",
         "utils.weight_norm(nn.Linear)",
+        # pseudo-gradients (hessfunc/_pseudo.py)
+        "nn.Embedding(scale_grad_by_freq)",
+        "nn.Sequential(Embedding(padding_idx=0), Flatten, Linear)",
     }
 )
 FULL_ONLY = frozenset({"nn.LinearCrossEntropyLoss"})  # 857 module_db inputs, minutes

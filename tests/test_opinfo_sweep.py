@@ -2,7 +2,9 @@
 
 Every OpInfo with second derivatives runs its float64 CPU samples through ``hvp``,
 ``hessian_matrix`` and ``ggn_vp`` in both modes, against finite differences of plain autograd
-gradients (``tests/sweep.py`` has the objective, the references and the tolerances;
+gradients and against references built from values of the objective only (second differences,
+symmetry, fwd-rev against rev-rev), which no pseudo-gradient can leak into (``tests/sweep.py``
+has the objective, the references and the tolerances;
 ``tests/sweep_ops.py`` turns samples into problems). Each (op, product, mode) ends in one state:
 ``exact``, ``clear-error`` (a hessfunc error), ``skipped`` (no usable sample; the reason is the
 skip message), or a failure: ``wrong`` or ``raw-error``.
@@ -36,6 +38,20 @@ KNOWN_FAILURES: dict[tuple[str, str, str], str] = {
     )
     for product in (HVP, HESSIAN)
 }
+# Found by the value-based references: with repeated indices (op_db's come from overlapping
+# pooling windows) max_unpool's forward keeps one of the colliding values and its backward
+# feeds all of them, a pseudo-gradient no routing can undo without reading the indices' values.
+KNOWN_FAILURES.update(
+    {
+        (f"nn.functional.max_unpool{d}d", product, mode): (
+            "wrong: by value: max_unpool with repeated indices keeps one colliding value in its "
+            "forward and feeds the gradient to all of them (a pseudo-gradient)"
+        )
+        for d in (1, 2, 3)
+        for product in PRODUCTS
+        for mode in MODES
+    }
+)
 
 # Ops hessfunc evaluates through a composite formula during second-order evaluations, as its
 # routing table declares them: they must come out exact, never merely refused.
@@ -141,6 +157,44 @@ def test_every_state_is_reachable():
         raise RuntimeError("an error from torch")
 
     assert sweep.run_product(raises, sweep.Reference()).state == "raw-error"
+
+
+class _ZeroFirstGrad(torch.autograd.Function):
+    """The identity whose backward zeroes entry 0: a pseudo-gradient like padding_idx's."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.cat([torch.zeros_like(g[:1]), g[1:]])
+
+    @staticmethod
+    def jvp(ctx, t):
+        return t
+
+
+def test_value_references_catch_a_pseudo_gradient():
+    """Differences of the gradient inherit a pseudo-gradient (the sample is unusable to them);
+    second differences of the value, symmetry and mode agreement are not fooled."""
+    x = torch.linspace(-1.0, 1.0, 4, dtype=torch.float64)
+    problem = _problem(lambda x: torch.tanh(_ZeroFirstGrad.apply(x) * x), x)
+    h_ref, _ = sweep.references(problem, problem.direction())
+    assert h_ref.reason == sweep.PSEUDO_SKIP
+    verdicts = sweep.check_problem(problem, products=("hvp", "hessian_matrix"))
+    for (product, mode), verdict in verdicts.items():
+        assert verdict.state == "wrong", (product, mode, verdict.describe())
+        assert verdict.detail.startswith("by value"), verdict.detail
+    # and a right product is judged exact by value alone
+    plain = _problem(lambda x: torch.tanh(x * x), x)
+    assert {v.state for v in sweep.check_problem(plain, products=("hvp",)).values()} == {"exact"}
 
 
 def _problem(fn, *params: torch.Tensor, seed: int = 0) -> Problem:
