@@ -225,7 +225,9 @@ def test_errors_name_the_fix():
 
 @pytest.fixture(scope="module")
 def compiled_step():
-    opt = hessfunc.optim.kfac(mlp, bce, update_every=2, invert_every=3, damping=1e-2)
+    opt = hessfunc.optim.kfac(
+        mlp, bce, update_every=2, invert_every=3, damping=1e-2, fisher="empirical"
+    )
     return opt, torch.compile(opt.step, fullgraph=True)
 
 
