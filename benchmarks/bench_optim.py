@@ -224,7 +224,7 @@ def train_kfac_jax(X, order, budget, damping) -> tuple[Run, float] | None:
     # damping adaptation) once; the timed run below reuses the compiled functions
     t0 = time.perf_counter()
     state = opt.init(params, rng, Xj[jnp.asarray(order[0].numpy())])
-    warm = params
+    warm = jax.tree_util.tree_map(jnp.copy, params)  # the steps donate their inputs
     for t, idx in enumerate(order[:12]):
         warm, state, _ = opt.step(
             warm, state, rng, batch=Xj[jnp.asarray(idx.numpy())], global_step_int=t
