@@ -11,24 +11,30 @@ from .adahessian import AdaHessianInfo as AdaHessianInfo
 from .adahessian import adahessian as adahessian
 from .hessian_free import HessianFreeInfo as HessianFreeInfo
 from .hessian_free import hessian_free as hessian_free
+from .kfac import KFACInfo as KFACInfo
+from .kfac import KFACOptimizer as KFACOptimizer
+from .kfac import KFACState as KFACState
+from .kfac import kfac as kfac
 from .module import ModuleOptimizer as ModuleOptimizer
 from .sharpness import SharpnessInfo as SharpnessInfo
 from .sharpness import sharpness as sharpness
 from .sophia import SophiaInfo as SophiaInfo
 from .sophia import sophia as sophia
 
-# --- K-FAC: `from .kfac import ... as ...` goes here, and its names into __all__ below ---
-
 __all__ = [
     "INFO_FIELDS",
     "AdaHessianInfo",
     "HessianFreeInfo",
+    "KFACInfo",
+    "KFACOptimizer",
+    "KFACState",
     "ModuleOptimizer",
     "Optimizer",
     "SharpnessInfo",
     "SophiaInfo",
     "adahessian",
     "hessian_free",
+    "kfac",
     "sharpness",
     "sophia",
 ]
