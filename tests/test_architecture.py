@@ -29,11 +29,16 @@ LAYERS = {
         "_unwrap",
         "_progress",
         "_operator",
+        "_outputs",
+        "_pseudo",
+        "_loss",
     ],
-    "products": ["hvp", "hessian", "ggn", "fisher", "fd", "module", "losses"],
+    "products": [
+        "hvp", "hessian", "ggn", "fisher", "fd", "module", "losses", "_categorical", "gnb",
+    ],  # fmt: skip
     "linalg": ["solvers", "inverse", "lanczos", "estimators", "slq", "blocks", "linop"],
     "kron": ["_kron", "_layers", "kfac", "ekfac"],
-    "checking": ["check", "check_compiled", "testing"],
+    "checking": ["check", "_diagnoses", "check_compiled", "testing"],
     "top": ["influence", "_influence_solvers", "_influence_kron", "data", "_passes", "distributed"],
 }
 HEIGHT = {"base": 0, "products": 1, "linalg": 1, "kron": 2, "checking": 2, "top": 3}
@@ -45,6 +50,8 @@ PACKAGES = {
     "kron": "kron",
     "checking": "checking",
     "influence": "top",
+    "optim": "top",
+    "laplace": "top",
 }
 LAYER_OF = {leaf: layer for layer, leaves in LAYERS.items() for leaf in leaves}
 
@@ -75,12 +82,11 @@ def modules():
 
 def layer(name):
     parts = name.split(".")
-    if parts[-1] in LAYER_OF:
-        return LAYER_OF[parts[-1]]
-    for part in parts[1:]:
+    # the sub-package a module sits in decides first (optim.module is not products' module)
+    for part in parts[1:-1]:
         if part in PACKAGES:
             return PACKAGES[part]
-    return "top"
+    return LAYER_OF.get(parts[-1], PACKAGES.get(parts[-1], "top"))
 
 
 def imports(name, path):
