@@ -7,6 +7,8 @@ passes. To show code that must not run (a shell command, an excerpt), fence it a
 """
 
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -35,10 +37,13 @@ def test_examples_run(page):
     # as in a fresh session: torch's own default dtype (tests/conftest.py sets float64)
     saved = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
-    namespace = {"__name__": f"docs_example_{page.stem}"}
+    # a real module: torch.compile looks functions' globals up by their module's name
+    module = types.ModuleType(f"docs_example_{page.stem}")
+    sys.modules[module.__name__] = module
     try:
         for line, source in python_blocks(page.read_text()):
             code = compile(source, f"{page.relative_to(ROOT)}:{line}", "exec")
-            exec(code, namespace)  # noqa: S102 - the documentation's own examples
+            exec(code, module.__dict__)  # noqa: S102 - the documentation's own examples
     finally:
         torch.set_default_dtype(saved)
+        del sys.modules[module.__name__]
