@@ -422,8 +422,8 @@ def test_bad_input_is_refused_clearly(mlp_full):
     with pytest.raises(ValueError, match="last_layer' found no F.linear"):
         fit(lambda p, X, *r: X @ p, lambda X, y: MSELoss(y), torch.zeros(3, 1),
             [(X, torch.zeros(40, 1))], subset="last_layer")  # fmt: skip
-    with pytest.raises(ValueError, match="nothing to factor"):
-        fit(lambda p, X, *r: X @ p, lambda X, y: MSELoss(y), torch.zeros(3, 1),
+    with pytest.raises(ValueError, match="nothing to factor"):  # no layer: an element-wise map
+        fit(lambda p, X, *r: (X * p).sum(-1, keepdim=True), lambda X, y: MSELoss(y), torch.zeros(3),
             [(X, torch.zeros(40, 1))], structure="kfac")  # fmt: skip
     with pytest.raises(ValueError, match="unknown link"):
         mlp_full.predictive(X[:2], link="softmax")
