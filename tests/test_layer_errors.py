@@ -192,6 +192,14 @@ def _public_callables():
             yield name, obj
 
 
+# Public callables whose argument has one of those names but is no vector or product.
+NOT_VECTORS = {
+    "optim.hessian_free": "curvature='ggn' | 'hessian' names the product the optimizer builds",
+    "optim.sharpness": "curvature='ggn' | 'hessian' names the product the tracker builds",
+    "laplace.LaplacePosterior": "curvature is the fitted structure that laplace.fit builds",
+}
+
+
 def test_every_public_function_taking_a_matvec_or_vector_has_a_row():
     missing = []
     for name, obj in _public_callables():
@@ -199,7 +207,7 @@ def test_every_public_function_taking_a_matvec_or_vector_has_a_row():
             params = inspect.signature(obj).parameters
         except (TypeError, ValueError):
             continue
-        if MATVEC_ARGS & set(params) and name not in ROWS:
+        if MATVEC_ARGS & set(params) and name not in ROWS and name not in NOT_VECTORS:
             missing.append(name)
     assert missing == []
     assert "eigsh" in ROWS and "KFAC.solve" in ROWS  # the introspection sees the API
