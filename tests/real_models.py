@@ -514,6 +514,49 @@ def directions(params: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Te
     return {k: x / norm for k, x in d.items()}
 
 
+class PaddingRowsFixed(TorchFunctionMode):
+    """Evaluate the model with every embedding lookup's padding row fixed at its value in
+    ``params`` (the reading hessfunc differentiates): ``F.embedding(..., padding_idx=p)`` reads
+    row ``p`` of the unperturbed table, while every other use of the table (a tied output head)
+    sees the perturbed one. Values only: the references stay free of autograd's backward."""
+
+    def __init__(self, model: nn.Module, params: dict[str, torch.Tensor]):
+        super().__init__()
+        # the unperturbed tables of the embeddings that have a padding row
+        self.tables = [
+            params[f"{name}.weight"]
+            for name, mod in model.named_modules()
+            if isinstance(mod, nn.Embedding)
+            and mod.padding_idx is not None
+            and f"{name}.weight" in params
+        ]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.nn.functional.embedding, torch.embedding):
+            names = ("input", "weight", "padding_idx")
+            bound = dict(zip(names, args, strict=False)) | kwargs
+            p = bound.get("padding_idx")
+            weight = bound["weight"]
+            if p is not None and p >= 0:
+                base = next(t for t in self.tables if t.shape == weight.shape)  # one per shape
+                fixed = weight.clone()
+                fixed[p] = base[p]
+                args = (bound["input"], fixed) + tuple(args[2:])
+                kwargs = {k: w for k, w in kwargs.items() if k not in ("input", "weight")}
+        return func(*args, **kwargs)
+
+
+def fixed_padding(f: Callable, model: nn.Module, params: dict[str, torch.Tensor]) -> Callable:
+    """``f`` with its lookups' padding rows fixed at ``params`` (:class:`PaddingRowsFixed`)."""
+
+    def g(*a: Any) -> Any:
+        with PaddingRowsFixed(model, params):
+            return f(*a)
+
+    return g
+
+
 def vdot(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
     return sum((a[k] * b[k]).sum() for k in a)
 
@@ -563,18 +606,25 @@ def second_difference(f: Callable, params: dict, u: dict, v: dict, args: tuple):
 
 
 @torch.no_grad()
-def ggn_form(case: RealCase, u: dict, v: dict):
+def ggn_form(case: RealCase, u: dict, v: dict, fixed_padding: bool = False):
     """``u^T G v = (J u)^T H_l (J v)`` from values only: ``J u`` and ``J v`` by central
     differences of the model's outputs, ``H_l`` by second differences of the loss's value in
-    output space; ``(value, error)``, the error adding both stages' estimates."""
-    z = case.model_fn(case.params, *case.args)
+    output space; ``(value, error)``, the error adding both stages' estimates. With
+    ``fixed_padding``, the lookups' padding rows stay at ``case.params``
+    (:class:`PaddingRowsFixed`)."""
+    model_fn = (
+        globals()["fixed_padding"](case.model_fn, case.model, case.params)
+        if fixed_padding
+        else case.model_fn
+    )
+    z = model_fn(case.params, *case.args)
 
     def jac(w: dict) -> tuple[torch.Tensor, float]:
         d = []
         for k in range(STEPS):
             h = STEP0 / 2**k
-            plus = case.model_fn(_moved(case.params, w, h, w, 0.0), *case.args)
-            minus = case.model_fn(_moved(case.params, w, -h, w, 0.0), *case.args)
+            plus = model_fn(_moved(case.params, w, h, w, 0.0), *case.args)
+            minus = model_fn(_moved(case.params, w, -h, w, 0.0), *case.args)
             d.append((plus - minus) / (2 * h))
         return richardson(d)
 
