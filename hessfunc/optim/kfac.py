@@ -33,15 +33,20 @@ loss plus ``weight_decay`` :math:`\eta` (an L2 term of the objective):
    Grosse 2015, section 6.5), clamped to :math:`[10^{-8}, 10^{8}]`. It costs one more forward
    pass (the loss at :math:`\theta + d` on the same batch).
 
-Compilation: ``torch.compile(opt.step, fullgraph=True)`` builds **two graphs**: one for the
-first step (the state of :func:`kfac`'s ``init`` holds no factors yet: the layers are found from
-the first batch) and one for every later step; none is rebuilt when the step count, damping or
-data change (fixed shapes). A state that already went through one eager step needs only the
-second. The inversion is a ``torch.cond`` on the step count. The collection of the batch's
-factors cannot sit inside ``torch.cond`` (it finds layers with a ``TorchFunctionMode``, which
-``torch.cond``'s branches refuse), so compiled steps collect them on every step and discard
-them between updates: under compile, ``update_every`` changes which factors are used but not the
-cost; eager steps skip the collection.
+The optimizer follows the conventions of :mod:`hessfunc.optim._base`: the state is a nested
+dict of tensors (``torch.load(weights_only=True)`` restores it), ``step.update_every`` is
+``update_every`` and the step takes ``refresh=`` (a Python bool: rebuild the factors on this
+step; ``None`` reads the state's counter, eagerly), and with ``fisher="mc"``
+``step.draw_noise(params, state, *batch, generator=)`` draws what a refreshing step would.
+
+Compilation: ``torch.compile(opt.step, fullgraph=True)``, driven with ``refresh=(t %
+update_every == 0)`` from a Python counter ``t`` (as :class:`hessfunc.optim.ModuleOptimizer`
+does), builds **three graphs**: one for the first step (the state of ``init`` holds no factors
+yet: the layers are found from the first batch), one for refreshing steps and one for the steps
+in between, which skip the factor collection entirely (two graphs with ``update_every=1``; a
+state that already went through one eager step needs no first-step graph). None is rebuilt when
+the step count, damping or data change (fixed shapes). The inversion every ``invert_every`` steps
+is a ``torch.cond`` on the step count inside both later graphs.
 """
 
 from __future__ import annotations
@@ -229,7 +234,8 @@ def kfac(
         damping: the initial :math:`\lambda > 0`.
         adapt_damping: adapt :math:`\lambda` by the Levenberg-Marquardt rule (one more
             forward pass per step).
-        update_every: fold the batch's factors into the running ones every this many steps.
+        update_every: fold the batch's factors into the running ones every this many steps
+            (``step.update_every``; a compiled loop passes ``refresh=(t % update_every == 0)``).
         invert_every: eigendecompose the running factors every this many steps.
         ema: weight :math:`\epsilon \in [0, 1)` of the old factors (0: the batch's alone).
         fisher: ``"type-2"``, ``"mc"`` or ``"empirical"`` (as in :func:`hessfunc.kfac`);
@@ -253,7 +259,7 @@ def kfac(
     Cost:
         Per step one gradient, two forward passes with one tangent each (the quadratic
         model), one more forward pass with ``adapt_damping``, the factor collection of
-        :func:`hessfunc.kfac` on update steps (on every step when compiled) and per block
+        :func:`hessfunc.kfac` on refreshing steps only (eager and compiled) and per block
         four small matrix products; on inversion steps two symmetric eigendecompositions per
         block. Memory: per block :math:`\bar A, \bar G` and their eigenvectors, plus one copy
         of the parameters.
