@@ -158,10 +158,12 @@ def train_hessfunc(name, opt, X, order, budget, mc: bool) -> Run:
 
 
 def train_hessfunc_compiled(name, opt, cstep, lam, X, order, budget) -> tuple[Run, float]:
-    """The first step eager (it finds the layers), then one compiled graph for every step."""
+    """The first step eager (it finds the layers), then one compiled graph for every step
+    (``update_every=1``: every step refreshes, so the graph without the refresh never runs)."""
     p = init_params()
     state = opt.init(p)
-    state = state._replace(damping=torch.tensor(lam, dtype=state.damping.dtype))
+    inner = state["kfac"]
+    state = {"kfac": {**inner, "damping": torch.tensor(lam, dtype=inner["damping"].dtype)}}
     run = Run(name, "")
     run.log(0, loss_value(p, X))
     g = torch.Generator().manual_seed(SEED)

@@ -406,6 +406,7 @@ def _all_optimizers():
         "adahessian": hessfunc.optim.adahessian(mlp, ce_loss, lr=0.05, update_every=2),
         "hessian_free": hessfunc.optim.hessian_free(mlp, ce_loss, maxiter=4),
         "sharpness": hessfunc.optim.sharpness(mlp, ce_loss, update_every=2, num_iters=3),
+        "kfac": hessfunc.optim.kfac(mlp, ce_loss, fisher="mc", update_every=2, invert_every=2),
     }
 
 
@@ -550,6 +551,9 @@ COMPILE_CASES = {
     "adahessian": lambda: hessfunc.optim.adahessian(mlp, ce_loss, lr=0.05, update_every=5),
     "hessian_free": lambda: hessfunc.optim.hessian_free(mlp, ce_loss, maxiter=3),
     "sharpness": lambda: hessfunc.optim.sharpness(mlp, ce_loss, update_every=5, num_iters=3),
+    "kfac": lambda: hessfunc.optim.kfac(
+        mlp, ce_loss, fisher="mc", update_every=5, invert_every=3, damping=1e-2
+    ),
 }
 
 

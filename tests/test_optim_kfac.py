@@ -14,9 +14,15 @@ from conftest import tol
 import hessfunc
 import hessfunc.optim
 from hessfunc.losses import BCEWithLogitsLoss, MSELoss
-from hessfunc.optim.kfac import KFACState, lm_damping
+from hessfunc.optim.kfac import lm_damping
 
 F64 = torch.float64
+leaves = torch.utils._pytree.tree_leaves
+
+
+def factors(state, key):
+    """The factor tensors of a state, block by block (the leaves that hold one)."""
+    return [x for x in leaves(state["kfac"][key]) if x.numel()]
 
 
 def linear(p, X, Y):
@@ -87,7 +93,7 @@ def test_adaptive_lr_and_momentum_minimise_the_quadratic_model():
     opt = hessfunc.optim.kfac(mlp, bce, damping=lam0, ema=0.0, invert_every=1, weight_decay=wd)
     p1, s1, info1 = opt.step(p, opt.init(p), X, Y)
     assert info1.momentum.item() == 0.0  # first step: no previous update
-    lam = s1.damping
+    lam = s1["kfac"]["damping"]
     p2, s2, info2 = opt.step(p1, s1, X, Y)
     # the direction, independently: the batch's K-FAC solved with damping lam + wd
     g = torch.func.grad(lambda q: bce(X, Y)(mlp(q, X, Y)) + 0.5 * wd * sum(
@@ -96,7 +102,7 @@ def test_adaptive_lr_and_momentum_minimise_the_quadratic_model():
     d = K.solve(g, lam + wd)
     d = {k: -v for k, v in d.items()}
     flat = lambda t: hessfunc.ravel(t)[0]  # noqa: E731
-    D, V, gv = flat(d), flat(s1.velocity), flat(g)
+    D, V, gv = flat(d), flat(s1["kfac"]["velocity"]), flat(g)
     C = hessfunc.ggn_matrix(mlp, bce(X, Y), p1, X, Y) + (wd + lam) * torch.eye(len(D), dtype=F64)
     M = torch.stack([torch.stack([D @ C @ D, D @ C @ V]), torch.stack([V @ C @ D, V @ C @ V])])
     a, m = torch.linalg.solve(M, -torch.stack([gv @ D, gv @ V]))
@@ -128,7 +134,9 @@ def test_lm_rule_in_a_step():
     opt = hessfunc.optim.kfac(linear, mse, damping=0.5)
     _, s, info = opt.step(p, opt.init(p), X, Y)
     torch.testing.assert_close(info.rho, torch.tensor(1.0, dtype=F64), **tol("fd", F64))
-    torch.testing.assert_close(s.damping, torch.tensor(0.5 * 0.95, dtype=F64), rtol=1e-15, atol=0)
+    torch.testing.assert_close(
+        s["kfac"]["damping"], torch.tensor(0.5 * 0.95, dtype=F64), rtol=1e-15, atol=0
+    )
     assert info.damping.item() == 0.5
 
 
@@ -138,13 +146,19 @@ def test_factors_ema_and_update_every():
     opt = hessfunc.optim.kfac(mlp, bce, ema=0.25, update_every=2, lr=0.1, momentum=0.0)
     p1, s1, _ = opt.step(p, opt.init(p), X1, Y1)
     K1 = hessfunc.kfac(mlp, bce(X1, Y1), p, X1, Y1)
-    for a, b in zip(s1.A, K1.A, strict=True):
+    assert len(factors(s1, "A")) == len(K1.A) == 2
+    for a, b in zip(factors(s1, "A"), K1.A, strict=True):
         torch.testing.assert_close(a, b, **tol("exact", F64))
     p2, s2, _ = opt.step(p1, s1, X2, Y2)  # count 1: no update
-    assert all(torch.equal(a, b) for a, b in zip(s2.A, s1.A, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(factors(s2, "A"), factors(s1, "A"), strict=True))
+    # refresh= overrides the count: a forced refresh at count 1 updates the factors
+    _, s2r, _ = opt.step(p1, s1, X2, Y2, refresh=True)
+    K2 = hessfunc.kfac(mlp, bce(X2, Y2), p1, X2, Y2)
+    for a, o, n in zip(factors(s2r, "A"), factors(s1, "A"), K2.A, strict=True):
+        torch.testing.assert_close(a, 0.25 * o + 0.75 * n, **tol("exact", F64))
     _, s3, _ = opt.step(p2, s2, X3, Y3)  # count 2: update
     K3 = hessfunc.kfac(mlp, bce(X3, Y3), p2, X3, Y3)
-    for a, o, n in zip(s3.G, s2.G, K3.G, strict=True):
+    for a, o, n in zip(factors(s3, "G"), factors(s2, "G"), K3.G, strict=True):
         torch.testing.assert_close(a, 0.25 * o + 0.75 * n, **tol("exact", F64))
 
 
@@ -167,31 +181,39 @@ def test_params_and_state_not_modified():
     opt = hessfunc.optim.kfac(mlp, bce)
     s = opt.init(p)
     p1, s1, _ = opt.step(p, s, X, Y)
-    leaves = torch.utils._pytree.tree_leaves
     before = [t.clone() for t in leaves((p1, s1))]
     opt.step(p1, s1, X, Y)
     assert all(torch.equal(a, b) for a, b in zip(leaves((p1, s1)), before, strict=True))
 
 
-def test_state_round_trip_is_bit_identical():
+def test_state_round_trips_through_weights_only_load_bit_identically():
     p, X, Y = mlp_problem()
     data = batches(6)
-    opt = hessfunc.optim.kfac(mlp, bce, fisher="mc", invert_every=2)
-    noises = [torch.rand(1, *Yb.shape, generator=torch.Generator().manual_seed(i), dtype=F64)
-              for i, (_, Yb) in enumerate(data)]  # fmt: skip
-    s, q = opt.init(p), p
-    for (Xb, Yb), u in zip(data[:3], noises[:3], strict=True):
-        q, s, _ = opt.step(q, s, Xb, Yb, noise=u)
+    opt = hessfunc.optim.kfac(mlp, bce, fisher="mc", invert_every=2, update_every=2)
+    # draw_noise draws what a refreshing step would draw from the generator
+    want = opt.step(p, opt.init(p), X, Y, generator=torch.Generator().manual_seed(7))
+    u = opt.step.draw_noise(p, opt.init(p), X, Y, generator=torch.Generator().manual_seed(7))
+    got = opt.step(p, opt.init(p), X, Y, noise=u)
+    assert all(torch.equal(x, y) for x, y in zip(leaves(want), leaves(got), strict=True))
+    assert opt.step.update_every == 2
+
+    def run(q, s, g, chunk):
+        for Xb, Yb in chunk:
+            q, s, info = opt.step(q, s, Xb, Yb, generator=g)
+        return q, s, info
+
+    g = torch.Generator().manual_seed(3)
+    q, s, _ = run(p, opt.init(p), g, data[:3])
     buf = io.BytesIO()
-    torch.save((q, s), buf)
+    torch.save({"params": q, "state": s, "rng": g.get_state()}, buf)
+    full = run(q, s, g, data[3:])
     buf.seek(0)
-    q2, s2 = torch.load(buf, weights_only=False)
-    assert isinstance(s2, KFACState)
-    for (Xb, Yb), u in zip(data[3:], noises[3:], strict=True):
-        q, s, i1 = opt.step(q, s, Xb, Yb, noise=u)
-        q2, s2, i2 = opt.step(q2, s2, Xb, Yb, noise=u)
-        assert all(torch.equal(q[k], q2[k]) for k in q)
-        assert torch.equal(i1.damping, i2.damping) and torch.equal(i1.lr, i2.lr)
+    loaded = torch.load(buf, weights_only=True)
+    g2 = torch.Generator()
+    g2.set_state(loaded["rng"])
+    resumed = run(loaded["params"], loaded["state"], g2, data[3:])
+    assert all(torch.equal(x, y) for x, y in zip(leaves(full), leaves(resumed), strict=True))
+    assert full[2]._fields[: len(hessfunc.optim.INFO_FIELDS)] == hessfunc.optim.INFO_FIELDS
 
 
 def test_errors_name_the_fix():
@@ -209,43 +231,119 @@ def test_errors_name_the_fix():
     opt = hessfunc.optim.kfac(mlp, lambda X, Y: torch.nn.functional.mse_loss)
     with pytest.raises(TypeError, match="must return a hessfunc.losses object"):
         opt.step(p, opt.init(p), X, Y)
-    opt = hessfunc.optim.kfac(mlp, bce)
-    with pytest.raises(TypeError, match="a state from another optimizer"):
+    # the base's state checks, with the same messages as every other optimizer
+    opt = hessfunc.optim.kfac(mlp, bce, update_every=2)
+    sophia = hessfunc.optim.sophia(mlp, bce, lr=0.1)
+    with pytest.raises(TypeError, match="state was not made by this optimizer"):
+        opt.step(p, sophia.init(p), X, Y)
+    with pytest.raises(TypeError, match="state was not made by this optimizer"):
         opt.step(p, (torch.zeros(()),), X, Y)
-    with pytest.raises(ValueError, match="parameters of another structure"):
+    with pytest.raises(ValueError, match="another parameter structure"):
         opt.step(p, opt.init({"w1": p["w1"]}), X, Y)
-    # factors of a one-layer model, velocity of this one: the layers do not match
-    lin = hessfunc.optim.kfac(linear, mse)
-    r, Xr, Yr = regression()
-    _, s, _ = lin.step(r, lin.init(r), Xr, Yr)
-    bad = s._replace(velocity={k: torch.zeros_like(v) for k, v in p.items()})
+    wider, _, _ = mlp_problem(h=6)
+    with pytest.raises(ValueError, match="belongs to other parameters"):
+        opt.step(p, opt.init(wider), X, Y)
+    s = opt.init(p)
+    with pytest.raises(TypeError, match="another version or configuration"):
+        opt.step(p, {"kfac": {k: v for k, v in s["kfac"].items() if k != "A"}}, X, Y)
+    with pytest.raises(TypeError, match="refresh must be None or a Python bool"):
+        opt.step(p, s, X, Y, refresh=torch.tensor(True))
+    with pytest.raises(ValueError, match="only used with fisher='mc'"):
+        opt.step(p, s, X, Y, generator=torch.Generator())
+    mc = hessfunc.optim.kfac(mlp, bce, fisher="mc")
+    with pytest.raises(ValueError, match="exactly one|generator"):
+        mc.step(p, mc.init(p), X, Y)
+    with pytest.raises(ValueError, match="generator="):
+        hessfunc.optim.ModuleOptimizer(torch.nn.Linear(2, 2), mc)
+
+    # factors of the two-layer model, but model_fn now uses w2 outside a layer
+    def other(q, X, Y):
+        return torch.tanh(F.linear(X, q["w1"], q["b1"])) @ q["w2"].T.clone() + q["b2"]
+
+    _, s1, _ = opt.step(p, s, X, Y)
     with pytest.raises(ValueError, match="do not match the layers of model_fn"):
-        opt.step(p, bad, X, Y)
+        hessfunc.optim.kfac(other, bce).step(p, s1, X, Y)
 
 
-@pytest.fixture(scope="module")
-def compiled_step():
-    opt = hessfunc.optim.kfac(
-        mlp, bce, update_every=2, invert_every=3, damping=1e-2, fisher="empirical"
+def _net(seed):
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    return net.double()
+
+
+def _driver_opt(net, **kw):
+    apply, _ = hessfunc.from_module(net)
+    return hessfunc.optim.kfac(lambda q, X, Y: apply(q, X), bce, **kw)
+
+
+def test_module_optimizer_and_its_state_dict_round_trip():
+    net = _net(0)
+    opt = _driver_opt(net, fisher="mc", update_every=2, invert_every=3)
+    driver = hessfunc.optim.ModuleOptimizer(net, opt, generator=torch.Generator().manual_seed(1))
+    data = batches(1, d=4) * 6  # one batch: its loss must fall
+    weight = net[0].weight
+    losses = [float(driver.step(*b).loss) for b in data[:3]]
+    assert net[0].weight is weight and weight.requires_grad and weight.grad is None
+    buf = io.BytesIO()
+    torch.save({"model": net.state_dict(), "opt": driver.state_dict()}, buf)
+    losses += [float(driver.step(*b).loss) for b in data[3:]]
+    assert losses[-1] < losses[0]
+    buf.seek(0)
+    checkpoint = torch.load(buf, weights_only=True)
+    other = _net(5)
+    other.load_state_dict(checkpoint["model"])
+    resumed = hessfunc.optim.ModuleOptimizer(other, opt, generator=torch.Generator())
+    resumed.load_state_dict(checkpoint["opt"])
+    assert [float(resumed.step(*b).loss) for b in data[3:]] == losses[3:]
+    for x, y in zip(other.parameters(), net.parameters(), strict=True):
+        assert torch.equal(x, y)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compiled_module_optimizer_equals_eager_without_recompiles(fresh_dynamo, one_thread):
+    """22 steps through the module driver, eager and compiled: three graphs (the first step,
+    refreshing steps, plain steps), all built by step 3; then no recompilation, and the whole
+    state equals eager's at every step; a state_dict restored mid-run replays bit for bit."""
+    eager_net, compiled_net = _net(0), _net(0)
+    kw = dict(fisher="mc", update_every=2, invert_every=3, damping=1e-2)
+    eager = hessfunc.optim.ModuleOptimizer(
+        eager_net, _driver_opt(eager_net, **kw), generator=torch.Generator().manual_seed(4)
     )
-    return opt, torch.compile(opt.step, fullgraph=True)
-
-
-def test_compiled_equals_eager_without_recompiles(compiled_step):
-    opt, cstep = compiled_step
-    p, X, Y = mlp_problem()
-    data = batches(22)
-    # one eager step gives the state its factors: from then on one graph serves every step
-    q, s, _ = opt.step(p, opt.init(p), X, Y)
-    for k, (Xb, Yb) in enumerate(data):
-        with torch.compiler.set_stance("fail_on_recompile" if k > 0 else "default"):
-            qc, sc, ic = cstep(q, s, Xb, Yb)
-        qe, se, ie = opt.step(q, s, Xb, Yb)
-        for a, b in zip(torch.utils._pytree.tree_leaves((qc, sc, ic)),
-                        torch.utils._pytree.tree_leaves((qe, se, ie)), strict=True):  # fmt: skip
+    compiled = hessfunc.optim.ModuleOptimizer(
+        compiled_net,
+        _driver_opt(compiled_net, **kw),
+        generator=torch.Generator().manual_seed(4),
+        compile=True,
+    )
+    data = batches(22, d=4)
+    saved, replay = None, []
+    for t, batch in enumerate(data):
+        want = eager.step(*batch)
+        with torch.compiler.set_stance("fail_on_recompile" if t >= 3 else "default"):
+            got = compiled.step(*batch)
+        for a, b in zip(leaves((got, compiled.state)), leaves((want, eager.state)), strict=True):
             torch.testing.assert_close(a, b, **tol("exact", F64), equal_nan=True)
-        q, s = qe, se
-    assert s.count.item() == 23
+        for x, y in zip(compiled_net.parameters(), eager_net.parameters(), strict=True):
+            torch.testing.assert_close(x, y, **tol("exact", F64))
+        if t == 15:
+            saved = (compiled.state_dict(), [x.clone() for x in compiled_net.parameters()])
+        if t > 15:
+            replay.append(got)
+    assert eager.state["kfac"]["count"].item() == 22
+    state_dict, weights = saved
+    with torch.no_grad():
+        for x, w in zip(compiled_net.parameters(), weights, strict=True):
+            x.copy_(w)
+    compiled.load_state_dict(state_dict)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        again = [compiled.step(*b) for b in data[16:]]
+    assert all(torch.equal(x, y) for x, y in zip(leaves(again), leaves(replay), strict=True))
 
 
 @pytest.mark.full
@@ -275,6 +373,5 @@ def test_compiled_autoencoder_state():
     for u in noise[1:]:
         pe, se, _ = opt.step(pe, se, X, noise=u)
         pc, sc, _ = cstep(pc, sc, X, noise=u)
-    leaves = torch.utils._pytree.tree_leaves
     for a, b in zip(leaves((pe, se)), leaves((pc, sc)), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)

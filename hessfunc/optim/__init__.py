@@ -12,8 +12,6 @@ from .adahessian import adahessian as adahessian
 from .hessian_free import HessianFreeInfo as HessianFreeInfo
 from .hessian_free import hessian_free as hessian_free
 from .kfac import KFACInfo as KFACInfo
-from .kfac import KFACOptimizer as KFACOptimizer
-from .kfac import KFACState as KFACState
 from .kfac import kfac as kfac
 from .module import ModuleOptimizer as ModuleOptimizer
 from .sharpness import SharpnessInfo as SharpnessInfo
@@ -26,8 +24,6 @@ __all__ = [
     "AdaHessianInfo",
     "HessianFreeInfo",
     "KFACInfo",
-    "KFACOptimizer",
-    "KFACState",
     "ModuleOptimizer",
     "Optimizer",
     "SharpnessInfo",

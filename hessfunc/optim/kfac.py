@@ -33,54 +33,46 @@ loss plus ``weight_decay`` :math:`\eta` (an L2 term of the objective):
    Grosse 2015, section 6.5), clamped to :math:`[10^{-8}, 10^{8}]`. It costs one more forward
    pass (the loss at :math:`\theta + d` on the same batch).
 
-Compilation: ``torch.compile(opt.step, fullgraph=True)`` builds **two graphs**: one for the
-first step (the state of :func:`kfac`'s ``init`` holds no factors yet: the layers are found from
-the first batch) and one for every later step; none is rebuilt when the step count, damping or
-data change (fixed shapes). A state that already went through one eager step needs only the
-second. The inversion is a ``torch.cond`` on the step count. The collection of the batch's
-factors cannot sit inside ``torch.cond`` (it finds layers with a ``TorchFunctionMode``, which
-``torch.cond``'s branches refuse), so compiled steps collect them on every step and discard
-them between updates: under compile, ``update_every`` changes which factors are used but not the
-cost; eager steps skip the collection.
+The optimizer follows the conventions of :mod:`hessfunc.optim._base`: the state is a nested
+dict of tensors (``torch.load(weights_only=True)`` restores it), ``step.update_every`` is
+``update_every`` and the step takes ``refresh=`` (a Python bool: rebuild the factors on this
+step; ``None`` reads the state's counter, eagerly), and with ``fisher="mc"``
+``step.draw_noise(params, state, *batch, generator=)`` draws what a refreshing step would.
+
+Compilation: ``torch.compile(opt.step, fullgraph=True)``, driven with ``refresh=(t %
+update_every == 0)`` from a Python counter ``t`` (as :class:`hessfunc.optim.ModuleOptimizer`
+does), builds **three graphs**: one for the first step (the state of ``init`` holds no factors
+yet: the layers are found from the first batch), one for refreshing steps and one for the steps
+in between, which skip the factor collection entirely (two graphs with ``update_every=1``; a
+state that already went through one eager step needs no first-step graph). None is rebuilt when
+the step count, damping or data change (fixed shapes). The inversion every ``invert_every`` steps
+is a ``torch.cond`` on the step count inside both later graphs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
 from torch.func import grad_and_value, jvp
 
-from .. import _kron, _tree
+from .. import _checks, _context, _kron, _tree
 from .._kron import FISHERS, Fisher
+from .._layers import Layout, Recorder, plan
 from .._types import PyTree
 from ..kfac import factor_sums
 from ..losses import Loss
+from . import _base
 
-__all__ = ["KFACInfo", "KFACOptimizer", "KFACState", "kfac"]
+__all__ = ["KFACInfo", "kfac"]
+
+_NAME = "kfac"
+_FACTORS = ("A", "G", "A_values", "A_vectors", "G_values", "G_vectors")
+_FIELDS = ("count", "damping", "velocity", *_FACTORS)
 
 _OMEGA = 19.0 / 20.0
 _MIN_DAMPING, _MAX_DAMPING = 1e-8, 1e8
-
-
-class KFACState(NamedTuple):
-    """Everything a K-FAC run carries between steps (a pytree of tensors)."""
-
-    count: torch.Tensor
-    """Steps taken (0-d int64)."""
-    damping: torch.Tensor
-    r"""The current damping :math:`\lambda` (0-d, the parameters' dtype)."""
-    velocity: PyTree
-    r"""The previous update :math:`\delta` (like ``params``; zero before the first step)."""
-    A: tuple[torch.Tensor, ...]
-    r"""Per block the running input factor :math:`\bar A`, ``(groups, size, size)``."""
-    G: tuple[torch.Tensor, ...]
-    r"""Per block the running output-gradient factor :math:`\bar G`, ``(groups, out, out)``."""
-    eig_A: tuple[tuple[torch.Tensor, torch.Tensor], ...]
-    r"""Per block ``(eigenvalues, eigenvectors)`` of :math:`\bar A` at the last inversion."""
-    eig_G: tuple[tuple[torch.Tensor, torch.Tensor], ...]
-    r"""Per block ``(eigenvalues, eigenvectors)`` of :math:`\bar G` at the last inversion."""
 
 
 class KFACInfo(NamedTuple):
@@ -100,13 +92,6 @@ class KFACInfo(NamedTuple):
     r"""The undamped quadratic model's change :math:`q_0(d)` (negative: a predicted decrease)."""
 
 
-class KFACOptimizer(NamedTuple):
-    """A pair of pure functions, ``init(params) -> state`` and ``step(...)``."""
-
-    init: Callable[[PyTree], KFACState]
-    step: Callable[..., tuple[PyTree, KFACState, KFACInfo]]
-
-
 def _number(where: str, name: str, value: Any, *, allow_none: bool, low: float, strict: bool):
     if value is None and allow_none:
         return
@@ -120,6 +105,45 @@ def _number(where: str, name: str, value: Any, *, allow_none: bool, low: float, 
 def _positive_int(where: str, name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{where}: {name} must be an int >= 1 (1: every step), got {value!r}.")
+
+
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    """The placeholder of a leaf that holds no factor (shape ``(0,)``)."""
+    return torch.zeros(0, dtype=like.dtype, device=like.device)
+
+
+def _slots(layout: Layout) -> dict[int, list[int]]:
+    """Per parameter leaf, the blocks whose factors it stores.
+
+    A block's weight leaf, else its bias leaf; the experts of a stacked leaf share it,
+    concatenated along the group axis.
+    """
+    slots: dict[int, list[int]] = {}
+    for i, b in enumerate(layout.blocks):
+        slots.setdefault(b.weight if b.weight is not None else b.bias, []).append(i)
+    return slots
+
+
+def _pack(params: PyTree, layout: Layout, per_block: list[torch.Tensor]) -> PyTree:
+    """Per-block tensors as a tree shaped like ``params`` (placeholders elsewhere)."""
+    leaves = _tree.tree_leaves(params)
+    slots = _slots(layout)
+    out = [
+        torch.cat([per_block[i] for i in slots[j]]) if j in slots else _empty(x)
+        for j, x in enumerate(leaves)
+    ]
+    return _tree.tree_unflatten(_tree.tree_structure(params), out)
+
+
+def _unpack(tree: PyTree, layout: Layout) -> list[torch.Tensor]:
+    """The inverse of :func:`_pack`: per block its tensor."""
+    leaves = _tree.tree_leaves(tree)
+    per_block: list[Any] = [None] * len(layout.blocks)
+    for j, idx in _slots(layout).items():
+        parts = torch.split(leaves[j], [layout.blocks[i].groups for i in idx])
+        for i, part in zip(idx, parts, strict=True):
+            per_block[i] = part
+    return per_block
 
 
 def lm_damping(damping: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
@@ -191,7 +215,7 @@ def kfac(
     ema: float = 0.95,
     fisher: Fisher = "type-2",
     weight_decay: float = 0.0,
-) -> KFACOptimizer:
+) -> _base.Optimizer:
     r"""K-FAC optimizer with step size and momentum from the exact quadratic model.
 
     See the module docstring for the algorithm; in short: Tikhonov-damped K-FAC
@@ -210,7 +234,8 @@ def kfac(
         damping: the initial :math:`\lambda > 0`.
         adapt_damping: adapt :math:`\lambda` by the Levenberg-Marquardt rule (one more
             forward pass per step).
-        update_every: fold the batch's factors into the running ones every this many steps.
+        update_every: fold the batch's factors into the running ones every this many steps
+            (``step.update_every``; a compiled loop passes ``refresh=(t % update_every == 0)``).
         invert_every: eigendecompose the running factors every this many steps.
         ema: weight :math:`\epsilon \in [0, 1)` of the old factors (0: the batch's alone).
         fisher: ``"type-2"``, ``"mc"`` or ``"empirical"`` (as in :func:`hessfunc.kfac`);
@@ -219,15 +244,22 @@ def kfac(
             \rVert^2` added to the objective (and to the curvature).
 
     Returns:
-        A :class:`KFACOptimizer` ``(init, step)``: ``init(params) -> state``;
-        ``step(params, state, *batch, generator=None, noise=None) -> (params, state, info)``,
-        new parameters (the inputs are not modified), a :class:`KFACState` and a
-        :class:`KFACInfo`.
+        An :class:`~hessfunc.optim.Optimizer` ``(init, step)``: ``init(params) -> state``;
+        ``step(params, state, *batch, generator=None, noise=None, refresh=None) -> (params,
+        state, info)``, new parameters (the inputs are not modified), the new state and a
+        :class:`KFACInfo`. The state is ``{"kfac": {...}}``: ``count`` and ``damping`` (0-d),
+        ``velocity`` (the previous update, like ``params``) and the factor trees ``A``, ``G``,
+        ``A_values``, ``A_vectors``, ``G_values``, ``G_vectors``, each shaped like ``params``
+        in structure: a block's tensors sit at its weight leaf (its bias leaf if it has no
+        weight), every other leaf holds an empty ``(0,)`` tensor (all of them before the first
+        step). ``step.update_every`` is ``update_every``; with ``fisher="mc"``,
+        ``step.draw_noise(params, state, *batch, generator=)`` draws what a refreshing step
+        would.
 
     Cost:
         Per step one gradient, two forward passes with one tangent each (the quadratic
         model), one more forward pass with ``adapt_damping``, the factor collection of
-        :func:`hessfunc.kfac` on update steps (on every step when compiled) and per block
+        :func:`hessfunc.kfac` on refreshing steps only (eager and compiled) and per block
         four small matrix products; on inversion steps two symmetric eigendecompositions per
         block. Memory: per block :math:`\bar A, \bar G` and their eigenvectors, plus one copy
         of the parameters.
@@ -249,6 +281,7 @@ def kfac(
         True
     """
     where = "hessfunc.optim.kfac(model_fn, loss_fn)"
+    where_init = "hessfunc.optim.kfac(...).init(params)"
     if not callable(model_fn):
         raise TypeError(f"{where}: model_fn must be callable as model_fn(params, *batch).")
     if isinstance(loss_fn, Loss) or not callable(loss_fn):
@@ -273,16 +306,53 @@ def kfac(
         )
     step_where = "hessfunc.optim.kfac(...).step(params, state, *batch)"
 
-    def init(params: PyTree) -> KFACState:
+    def init(params: PyTree) -> dict[str, dict[str, Any]]:
         """A fresh state: no factors yet (the first step finds the layers), zero velocity."""
+        _checks.check_params(where_init, params)
+        empty = _tree.tree_map(_empty, params)
+        return {
+            _NAME: {
+                "count": _base.counter(params),
+                "damping": _base.scalar(params, float(damping)),
+                "velocity": _tree.zeros_like(params),
+                **{name: empty for name in _FACTORS},
+            }
+        }
+
+    def check_state(state: Any, params: PyTree) -> Mapping[str, Any]:
+        """The base's checks on count, damping and velocity; the factor trees' structure."""
+        inner = state.get(_NAME) if isinstance(state, Mapping) and set(state) == {_NAME} else None
+        if isinstance(inner, Mapping) and set(inner) != set(_FIELDS):
+            raise TypeError(
+                f"{step_where}: state[{_NAME!r}] has fields {sorted(inner)}, expected "
+                f"{sorted(_FIELDS)}: it was made by another version or configuration of the "
+                "optimizer. Re-create it with .init(params)."
+            )
+        view = state
+        if isinstance(inner, Mapping):
+            view = {_NAME: {key: inner[key] for key in ("count", "damping", "velocity")}}
+        _base.check_state(step_where, _NAME, view, params, ("velocity",), ("count", "damping"))
+        spec = _tree.tree_structure(params)
+        for key in _FACTORS:
+            if _tree.tree_structure(inner[key]) != spec:
+                raise ValueError(
+                    f"{step_where}: state[{_NAME!r}][{key!r}] does not have the structure of "
+                    "params: the state belongs to another parameter structure. Create it with "
+                    ".init(params) for these parameters."
+                )
+        return inner
+
+    def find_layout(params: PyTree, batch: tuple) -> Layout:
+        """The layers of ``model_fn`` from one recorded forward pass.
+
+        Under compile the pass is dead code: only the Python-level layout is kept.
+        """
         leaves = _tree.tree_leaves(params)
-        ref = leaves[0] if leaves else torch.empty(())
-        return KFACState(
-            count=torch.zeros((), dtype=torch.int64, device=ref.device),
-            damping=torch.tensor(float(damping), dtype=ref.dtype, device=ref.device),
-            velocity=_tree.zeros_like(params),
-            A=(), G=(), eig_A=(), eig_G=(),
-        )  # fmt: skip
+        calls: list[Any] = []
+        others: dict[int, str] = {}
+        with _context.attention_fastpath_off(), Recorder(leaves, calls, others):
+            model_fn(params, *batch)
+        return plan(step_where, calls, others, leaves, _tree.tree_paths(params), False)[0]
 
     def objective(p: PyTree, batch: tuple, loss: Loss) -> torch.Tensor:
         value = loss(model_fn(p, *batch))
@@ -290,90 +360,114 @@ def kfac(
             value = value + 0.5 * weight_decay * _tree.vdot(p, p)
         return value
 
-    def step(
-        params: PyTree,
-        state: KFACState,
-        *batch: Any,
-        generator: torch.Generator | None = None,
-        noise: torch.Tensor | None = None,
-    ) -> tuple[PyTree, KFACState, KFACInfo]:
-        if not isinstance(state, KFACState):
-            raise TypeError(
-                f"{step_where}: state must come from this optimizer's init (a KFACState), got "
-                f"{type(state).__name__}; a state from another optimizer cannot be resumed here."
-            )
-        if _tree.tree_structure(state.velocity) != _tree.tree_structure(params):
-            raise ValueError(
-                f"{step_where}: the state was made for parameters of another structure; call "
-                "init(params) for these parameters."
-            )
+    def draw_noise(
+        params: PyTree, state: PyTree, *batch: Any, generator: torch.Generator
+    ) -> torch.Tensor:
+        """The uniform draws a refreshing ``step(..., generator=generator)`` would make."""
         loss = loss_fn(*batch)
         if not isinstance(loss, Loss):
             raise TypeError(
                 f"{step_where}: loss_fn(*batch) must return a hessfunc.losses object (e.g. "
                 f"hessfunc.losses.CrossEntropyLoss(targets)), got {type(loss).__name__}."
             )
-        if fisher == "mc":
-            _kron.check(
-                step_where, model_fn, loss, params, fisher, generator, noise, 1, False, None
+        with torch.no_grad():
+            out = model_fn(params, *batch)
+        shape = (1, *loss.noise_shape(out))
+        u = torch.rand(shape, generator=generator, dtype=out.dtype, device=generator.device)
+        return u.to(out.device)
+
+    def step(
+        params: PyTree,
+        state: PyTree,
+        *batch: Any,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+        refresh: bool | None = None,
+    ) -> tuple[PyTree, PyTree, KFACInfo]:
+        inner = check_state(state, params)
+        loss = loss_fn(*batch)
+        if not isinstance(loss, Loss):
+            raise TypeError(
+                f"{step_where}: loss_fn(*batch) must return a hessfunc.losses object (e.g. "
+                f"hessfunc.losses.CrossEntropyLoss(targets)), got {type(loss).__name__}."
             )
-        elif generator is not None or noise is not None:
+        count = inner["count"]
+        lam = inner["damping"]
+        update = _base.should_refresh(step_where, refresh, count, update_every)
+        first = all(x.numel() == 0 for x in _tree.tree_leaves(inner["A"]))
+        collect = first or update
+        if fisher != "mc" and (generator is not None or noise is not None):
             raise ValueError(
                 f"{step_where}: generator and noise are only used with fisher='mc'; got "
                 f"fisher={fisher!r}."
             )
-        compiling = torch.compiler.is_compiling()
-        first = len(state.A) == 0
-        count = state.count
-        lam = state.damping
+        if fisher == "mc" and collect:  # steps that keep the factors draw nothing
+            _kron.check(
+                step_where, model_fn, loss, params, fisher, generator, noise, 1, False, None
+            )
 
-        # 1. factors of the batch, folded into the running averages
-        p = _kron.collect(
-            step_where, model_fn, loss, params, batch, fisher=fisher, generator=generator,
-            noise=noise, mc_samples=1, separate_bias=False, chunk_size=None,
-        )  # fmt: skip
-        layout = p.layout
+        # 1. the layers, and on refreshing steps the batch's factors folded into the averages
+        if collect:
+            p = _kron.collect(
+                step_where, model_fn, loss, params, batch, fisher=fisher, generator=generator,
+                noise=noise, mc_samples=1, separate_bias=False, chunk_size=None,
+            )  # fmt: skip
+            layout = p.layout
+        else:
+            layout = find_layout(params, batch)
+        if not layout.blocks:
+            raise ValueError(
+                f"{step_where}: no leaf of params is the weight or bias of a layer inside "
+                "model_fn, so there is nothing to factor; K-FAC needs layer weights."
+            )
+        slots = _slots(layout)
         if not first:
-            if len(state.A) != len(layout.blocks) or any(
-                a.shape[-1] != b.size or g.shape[-1] != b.out_features
-                for a, g, b in zip(state.A, state.G, layout.blocks, strict=True)
-            ):
-                raise ValueError(
-                    f"{step_where}: the state's factors do not match the layers of model_fn "
-                    "(another model or structure); call init(params) for this model."
+            for j, x in enumerate(_tree.tree_leaves(inner["A"])):
+                want = (
+                    sum(layout.blocks[i].groups for i in slots[j]) if j in slots else 0,
+                    layout.blocks[slots[j][0]].size if j in slots else None,
                 )
-        update = count % update_every == 0
+                got = (x.shape[0], x.shape[-1] if j in slots and x.dim() == 3 else None)
+                if x.dim() not in (1, 3) or got != want:
+                    raise ValueError(
+                        f"{step_where}: the state's factors do not match the layers of model_fn "
+                        "(another model or structure); call init(params) for this model."
+                    )
+            A_old, G_old = _unpack(inner["A"], layout), _unpack(inner["G"], layout)
         if first:
             K = factor_sums(p)[0]
-            A, G = K.A, K.G
-        elif compiling or bool(update):  # eager: skip the collection between updates
+            A, G = list(K.A), list(K.G)
+        elif update:
             K = factor_sums(p)[0]
-            w = torch.where(update, 1.0 - ema, 0.0).to(lam.dtype)
-            A = tuple(o + w * (n - o) for o, n in zip(state.A, K.A, strict=True))
-            G = tuple(o + w * (n - o) for o, n in zip(state.G, K.G, strict=True))
+            A = [o + (1.0 - ema) * (n - o) for o, n in zip(A_old, K.A, strict=True)]
+            G = [o + (1.0 - ema) * (n - o) for o, n in zip(G_old, K.G, strict=True)]
         else:
-            A, G = state.A, state.G
+            A, G = A_old, G_old
 
-        # 2. inversion every invert_every steps (a torch.cond: one graph for every step)
+        # 2. inversion every invert_every steps (a torch.cond on the step count)
         def invert(A, G, *_):  # noqa: N803
-            ea = tuple(torch.linalg.eigh(a) for a in A)
-            eg = tuple(torch.linalg.eigh(g) for g in G)
-            return tuple((x.contiguous(), q.contiguous()) for x, q in ea), tuple(
-                (x.contiguous(), q.contiguous()) for x, q in eg
-            )
-
-        def keep(A, G, eig_a, eig_g):  # noqa: N803
+            ea = [torch.linalg.eigh(a) for a in A]
+            eg = [torch.linalg.eigh(g) for g in G]
             return (
-                tuple((x.clone(), q.clone()) for x, q in eig_a),
-                tuple((x.clone(), q.clone()) for x, q in eig_g),
+                [x.contiguous() for x, _ in ea], [q.contiguous() for _, q in ea],
+                [x.contiguous() for x, _ in eg], [q.contiguous() for _, q in eg],
+            )  # fmt: skip
+
+        def keep(A, G, va, qa, vg, qg):  # noqa: N803
+            return (
+                [x.clone() for x in va],
+                [x.clone() for x in qa],
+                [x.clone() for x in vg],
+                [x.clone() for x in qg],
             )
 
         if first:
-            eig_a, eig_g = invert(A, G)
+            va, qa, vg, qg = invert(A, G)
         else:
-            eig_a, eig_g = torch.cond(
-                count % invert_every == 0, invert, keep, (A, G, state.eig_A, state.eig_G)
-            )
+            old = [_unpack(inner[k], layout) for k in _FACTORS[2:]]
+            va, qa, vg, qg = torch.cond(count % invert_every == 0, invert, keep, (A, G, *old))
+        eig_a = list(zip(va, qa, strict=True))
+        eig_g = list(zip(vg, qg, strict=True))
 
         # 3. gradient and preconditioned direction
         grads, value = grad_and_value(lambda q: loss(model_fn(q, *batch)))(params)
@@ -385,7 +479,7 @@ def kfac(
         direction = _tree.scale(-1.0, _precondition(layout, eig_a, eig_g, grads, shift))
 
         # 4. exact quadratic model along (direction, previous update)
-        prev = state.velocity
+        prev = inner["velocity"]
         # Two jvp calls, not one vmap over the stacked directions: on torch 2.13 (CPU inductor)
         # the vmapped form compiled to a step whose returned update was silently wrong for
         # some leaves while the new parameters were right (seen on the 6-layer autoencoder of
@@ -420,13 +514,19 @@ def kfac(
             rho = torch.full_like(h0, torch.nan)
             new_lam = lam
 
-        new_state = KFACState(
-            count=count + 1, damping=new_lam, velocity=update_vec, A=A, G=G,
-            eig_A=eig_a, eig_G=eig_g,
-        )  # fmt: skip
+        packed = {
+            key: _pack(params, layout, vals)
+            for key, vals in zip(_FACTORS, (A, G, va, qa, vg, qg), strict=True)
+        }
+        new_state = {
+            _NAME: {"count": count + 1, "damping": new_lam, "velocity": update_vec, **packed}
+        }
         info = KFACInfo(
             loss=value.detach(), damping=lam, lr=alpha, momentum=mu, rho=rho, predicted=predicted
         )
         return new_params, new_state, info
 
-    return KFACOptimizer(init, step)
+    marked = _base.mark(
+        step, update_every=update_every, draw_noise=draw_noise if fisher == "mc" else None
+    )
+    return _base.Optimizer(init, marked)
