@@ -14,8 +14,7 @@ grid is printed):
 - ``hessfunc.optim.kfac`` with the exact quadratic model choosing step size and momentum
   (``lr=None``: nothing to tune; initial damping over a grid instead), one-sample Monte-Carlo
   Fisher, eager;
-- ``hessfunc.optim.sophia`` / ``adahessian`` / ``hessian_free`` when this tree has them
-  (called as ``name(model_fn, loss_fn, lr=...)``; skipped when absent);
+- (Sophia, AdaHessian and Hessian-free have their own script, ``bench_optim_diag.py``);
 - kfac-jax's ``Optimizer`` (adaptive learning rate, momentum and damping, its default
   curvature estimator, jitted) on the same architecture, initialisation and batches, when
   ``jax`` and ``kfac_jax`` import.
@@ -288,9 +287,6 @@ def main() -> None:
         "SGD momentum 0.9": [0.3, 1.0, 3.0],
         "hessfunc K-FAC (adaptive lr, momentum)": [1e-4, 1e-3, 1e-2],  # initial damping
         "kfac-jax (adaptive lr, momentum)": [1e-4, 1e-3, 1e-2],  # initial damping
-        "hessfunc sophia": [1e-3, 1e-2],
-        "hessfunc adahessian": [1e-2, 1e-1],
-        "hessfunc hessian_free": [0.3, 1.0],
     }
     if a.quick:
         grids = {k: v[1:2] for k, v in grids.items()}
@@ -359,23 +355,6 @@ def main() -> None:
         + ", ".join(f"{v:.1f} s" for v in compile_s.values())
         + "; excluded from ms/step and seconds"
     )
-    for other in ("sophia", "adahessian", "hessian_free"):
-        make = getattr(hessfunc.optim, other, None)
-        name = f"hessfunc {other}"
-        if make is None:
-            notes.append(f"hessfunc.optim.{other}: not in this tree, skipped")
-            continue
-        try:
-            sweep(
-                name,
-                grids[name],
-                lambda lr, make=make, name=name: train_hessfunc(
-                    name, make(model, loss_fn, lr=lr), X, order, first_budget, mc=False
-                ),
-            )
-        except Exception as e:  # noqa: BLE001 - an optional row must not sink the others
-            notes.append(f"hessfunc.optim.{other}: failed ({type(e).__name__}: {e})")
-
     jax_compile = {}
 
     def jax_run(lam):
