@@ -32,7 +32,7 @@ from common import machine, record, table  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import hessfunc  # noqa: E402
-from hessfunc import _tree  # noqa: E402
+from hessfunc._base import _tree  # noqa: E402
 from hessfunc.data import sum_over  # noqa: E402
 
 

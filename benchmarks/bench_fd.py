@@ -2,7 +2,7 @@
 
 Baseline (measured in the same run): perturb one raveled parameter at a time by +-h_i and take
 two backward passes (torch.autograd.grad), n times in a Python loop. Contender:
-hessfunc.fd.fd_hessian_matrix, all basis directions through torch.func.vmap in chunks. Both use
+hessfunc.fd_hessian_matrix, all basis directions through torch.func.vmap in chunks. Both use
 the same per-coordinate step h_i = u^(1/3) max(1, |theta_i|) and the same symmetrisation, so they
 compute the same matrix up to rounding; accuracy is measured against hessfunc.hessian_matrix.
 
@@ -24,7 +24,7 @@ import common  # noqa: E402
 import workloads  # noqa: E402
 
 import hessfunc  # noqa: E402
-from hessfunc.fd import default_step, fd_hessian_matrix  # noqa: E402
+from hessfunc.products.fd import default_step, fd_hessian_matrix  # noqa: E402
 
 
 def make_problem(widths: tuple[int, ...], batch: int = 64, seed: int = 0):

@@ -5,7 +5,7 @@ Workloads (defined here; no shared workload module existed when this was written
   cnn          2 conv + linear on 1x28x28, batch 128, cross-entropy
   transformer  2-layer encoder (d=64, 4 heads, seq 32), batch 32, cross-entropy
 
-For each: median wall time of torch.func.grad, hessfunc.ggn.ggn_vp and hessfunc.hvp, eager and
+For each: median wall time of torch.func.grad, hessfunc.ggn_vp and hessfunc.hvp, eager and
 under torch.compile(fullgraph=True), and ratios against the gradient of the same run. Peak memory
 is reported on CUDA (torch.cuda.max_memory_allocated); on CPU there is no sound allocator counter
 (tracemalloc does not see torch's allocations), so it reads 'n/a on CPU'.
@@ -25,8 +25,8 @@ from torch import nn
 from torch.func import grad
 
 import hessfunc
-from hessfunc.ggn import ggn_vp
 from hessfunc.losses import CrossEntropyLoss
+from hessfunc.products.ggn import ggn_vp
 
 
 class CNN(nn.Module):

@@ -44,9 +44,9 @@ import common  # noqa: E402
 import workloads  # noqa: E402
 
 import hessfunc  # noqa: E402
-from hessfunc import _context, _tree  # noqa: E402
-from hessfunc.ggn import ggn_vp  # noqa: E402
+from hessfunc._base import _context, _tree  # noqa: E402
 from hessfunc.losses import CrossEntropyLoss  # noqa: E402
+from hessfunc.products.ggn import ggn_vp  # noqa: E402
 
 
 class _Rows(list):
@@ -230,7 +230,7 @@ def products(w, device, compile_: bool, repeat: int, modes=("fwd-rev", "rev-rev"
         for mode in modes[1:]:
             compiled[f"hvp {mode}"] = lambda mode=mode: hvp_pair(mode)
         # what a compiled fwd-rev HVP traced before every Hessian product was traced
-        # reverse-over-reverse under compile (hessfunc._context.traced_mode): the cost the
+        # reverse-over-reverse under compile (hessfunc._base._context.traced_mode): the cost the
         # rule saves or adds, and whether inductor gets this workload right
         compiled["hvp traced forward-over-reverse (before)"] = lambda: (
             torch.compile(

@@ -293,7 +293,7 @@ def main() -> None:
     rows = []
     for name in filter(None, a.workloads.split(",")):
         w = workloads.WORKLOADS[name](device=a.device)
-        from hessfunc import _tree
+        from hessfunc._base import _tree
 
         v = _tree.random_like(w.params, torch.Generator().manual_seed(0))
         r = run(w, a.device, v, a.repeat, check_tol=1e-4 if a.device == "cpu" else None)

@@ -37,7 +37,7 @@ import torch
 import workloads
 
 import hessfunc
-from hessfunc import _tree
+from hessfunc._base import _tree
 from hessfunc.losses import CrossEntropyLoss
 
 DAMPING = 1e-3

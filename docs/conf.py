@@ -103,8 +103,8 @@ html_show_sourcelink = False
 
 
 # -- cross-references to where an object is defined -------------------------------------------
-# Docstrings and annotations name objects where they are defined (``hessfunc.fd.fd_grad``,
-# ``hessfunc._layers.Layout``); the reference documents them where users import them
+# Docstrings and annotations name objects where they are defined (``hessfunc.products.fd.fd_grad``,
+# ``hessfunc.kron._layers.Layout``); the reference documents them where users import them
 # (``hessfunc.fd_grad``). Point such a reference at the public name. A target that exists in the
 # code but is not public (a private class in an annotation, an internal module) is shown as text;
 # a target that does not exist at all stays a broken reference, so -n still fails on typos.

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from typing_extensions import override
 
-from ._loss import Loss, Reduction, _gumbel_argmax, _shape
+from ._base._loss import Loss, Reduction, _gumbel_argmax, _shape
 
 
 def _check_logits(loss: Loss, method: str, outputs: Any, n_target: tuple[int, ...]) -> None:

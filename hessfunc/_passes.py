@@ -11,9 +11,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from . import _progress, _tree
-from ._types import PyTree
-from ._unwrap import unwrap_module
+from ._base import _progress, _tree
+from ._base._types import PyTree
+from ._base._unwrap import unwrap_module
 
 Reduce = Callable[[PyTree], PyTree]
 Count = Callable[..., "int | torch.Tensor"]

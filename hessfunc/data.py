@@ -37,9 +37,10 @@ import torch
 from torch import nn
 from torch.func import vmap
 
-from . import _checks, _passes, _progress, _tree
+from . import _passes
+from ._base import _checks, _progress, _tree
+from ._base._types import PyTree
 from ._passes import Count, Reduce
-from ._types import PyTree
 
 __all__ = [
     "DatasetOperator",

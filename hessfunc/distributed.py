@@ -46,10 +46,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _tree
-from ._types import PyTree
-from ._unwrap import unwrap_module
-from .module import from_module
+from ._base import _tree
+from ._base._types import PyTree
+from ._base._unwrap import unwrap_module
+from .products.module import from_module
 
 __all__ = ["AllReduce", "from_sharded", "replicate_batch", "shard_batch", "unwrap"]
 

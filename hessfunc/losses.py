@@ -46,8 +46,8 @@ import torch
 import torch.nn.functional as F
 from typing_extensions import override
 
+from ._base._loss import Loss, Reduction, _rows, _shape, _std_normal
 from ._categorical import CrossEntropyLoss, NLLLoss
-from ._loss import Loss, Reduction, _rows, _shape, _std_normal
 
 __all__ = [
     "BCEWithLogitsLoss",

@@ -21,8 +21,8 @@ Example:
 
         import torch
         from hypothesis import given, strategies as st
-        from hessfunc.check import check_hvp
-        from hessfunc.module import from_module
+        from hessfunc.checking.check import check_hvp
+        from hessfunc.products.module import from_module
         from hessfunc.testing import losses
 
         apply, params = from_module(MyNet().double().eval())  # logits of shape (N, C)
@@ -46,8 +46,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import strategies as st
 
-from . import _tree
-from ._types import PyTree
+from ._base import _tree
+from ._base._types import PyTree
 
 __all__ = [
     "Loss",

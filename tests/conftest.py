@@ -101,7 +101,7 @@ def _seed() -> None:
 
 def assert_close(actual, expected, kind: str = "exact", dtype: torch.dtype | None = None) -> None:
     """Leafwise ``torch.testing.assert_close`` with the table's tolerance for the dtype."""
-    from hessfunc import _tree
+    from hessfunc._base import _tree
 
     la, le = _tree.tree_leaves(actual), _tree.tree_leaves(expected)
     assert _tree.tree_structure(actual) == _tree.tree_structure(expected)

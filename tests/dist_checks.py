@@ -36,7 +36,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import hessfunc  # noqa: E402
-from hessfunc import _progress, _tree  # noqa: E402
+from hessfunc._base import _progress, _tree  # noqa: E402
 from hessfunc.data import check_deterministic, linear_operator, mean_over, sum_over  # noqa: E402
 from hessfunc.distributed import AllReduce, from_sharded, replicate_batch, shard_batch  # noqa: E402
 from hessfunc.losses import CrossEntropyLoss  # noqa: E402

@@ -77,7 +77,7 @@ import torch
 from conftest import tol
 
 import hessfunc
-from hessfunc import _context
+from hessfunc._base import _context
 
 F64 = torch.float64
 PRODUCTS = ("hvp", "hessian_matrix", "ggn_vp")

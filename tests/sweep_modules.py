@@ -86,7 +86,7 @@ def _extra() -> dict[str, Callable[[bool], list[Input]]]:
         "nn.EmbeddingBag(mode=max)": one(lambda: nn.EmbeddingBag(5, 3, mode="max"), tokens(2, 4)),
         "nn.Embedding(max_norm=0.5)": one(lambda: nn.Embedding(5, 3, max_norm=0.5), tokens(2, 4)),
         # pseudo-gradients: hessfunc holds the padding row constant and differentiates the plain
-        # lookup for scale_grad_by_freq (hessfunc/_pseudo.py)
+        # lookup for scale_grad_by_freq (hessfunc/_base/_pseudo.py)
         "nn.Embedding(padding_idx=0)": one(lambda: nn.Embedding(5, 3, padding_idx=0), tokens(2, 4)),
         "nn.Embedding(padding_idx=-1)": one(
             lambda: nn.Embedding(5, 3, padding_idx=-1), tokens(2, 4)

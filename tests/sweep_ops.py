@@ -30,7 +30,7 @@ import torch
 from sweep import F64, Problem, Verdict
 from torch.testing._internal.common_methods_invocations import op_db
 
-from hessfunc import _decomp
+from hessfunc._base import _decomp
 
 # Ops run by default (the rest need pytest --full): each category the sweep should watch, and
 # every op it has found wrong or raising a raw error.

@@ -10,9 +10,9 @@ from conftest import assert_close, tol
 from hypothesis import given, settings
 
 import hessfunc
-from hessfunc import _tree
-from hessfunc.check import TOLERANCES, CheckReport, check_grad, check_hessian, check_hvp
-from hessfunc.fd import default_step
+from hessfunc._base import _tree
+from hessfunc.checking.check import TOLERANCES, CheckReport, check_grad, check_hessian, check_hvp
+from hessfunc.products.fd import default_step
 from hessfunc.testing import models
 
 

@@ -8,8 +8,8 @@ import torch
 import zoo
 
 import hessfunc
-from hessfunc import _tree
-from hessfunc.check_compiled import _leaf_error
+from hessfunc._base import _tree
+from hessfunc.checking.check_compiled import _leaf_error
 from hessfunc.losses import CrossEntropyLoss
 
 pytestmark = pytest.mark.compile

@@ -15,9 +15,9 @@ import zoo
 from conftest import assert_close, version
 
 import hessfunc
-from hessfunc import _tree
-from hessfunc.fd import fd_hvp
+from hessfunc._base import _tree
 from hessfunc.losses import CrossEntropyLoss
+from hessfunc.products.fd import fd_hvp
 
 pytestmark = pytest.mark.compile
 
@@ -162,15 +162,15 @@ def test_mlp_float32_hvp():
 
 @pytest.mark.parametrize("name", ["hvp", "ggn_vp", "fisher_vp_empirical", "fd_hvp"])
 def test_transformer_block_float32(name):
-    # hvp is traced reverse-over-reverse under compile (hessfunc._context.traced_mode)
+    # hvp is traced reverse-over-reverse under compile (hessfunc._base._context.traced_mode)
     check_contract("transformer", torch.float32, name)
 
 
 def test_changing_batch_size():
     """Code with forward-mode AD specialises on the batch size under compile; reverse-only code
     with dynamic=True does not. Hessian products are traced reverse-over-reverse under compile
-    whatever their mode (hessfunc._context.traced_mode), so they are shape-polymorphic; the GGN's
-    forward mode (J v) is traced as asked."""
+    whatever their mode (hessfunc._base._context.traced_mode), so they are shape-polymorphic; the
+    GGN's forward mode (J v) is traced as asked."""
     # batch sizes unequal to every layer width, so dynamo's duck sizing cannot tie them
     f, model_fn, params, v, x, y = problem("mlp-tanh", torch.float64, 0, n=5)
     _, _, _, _, x6, y6 = problem("mlp-tanh", torch.float64, 1, n=7)

@@ -21,7 +21,7 @@ import torch
 from compile_zoo import ARCHS
 
 import hessfunc
-from hessfunc import _tree
+from hessfunc._base import _tree
 from hessfunc.losses import CrossEntropyLoss
 
 pytestmark = pytest.mark.compile

@@ -55,7 +55,7 @@ def test_the_route_also_catches_the_tensor_method():
         (lambda x: F.hardsigmoid(x).pow(2).sum(), "hardsigmoid_backward"),
         (
             lambda w: (
-                # sums and means are routed to a composite (hessfunc/_pseudo.py); "max" keeps
+                # sums and means are routed to a composite (hessfunc/_base/_pseudo.py); "max" keeps
                 # torch's kernel, which has neither derivative
                 F.embedding_bag(torch.tensor([0, 1, 2]), w, torch.tensor([0, 1]), mode="max")
                 .pow(2)
@@ -115,7 +115,7 @@ def test_masked_select_with_a_broadcast_mask_is_exact_in_batched_products(mode):
 
 
 def test_a_batched_product_of_the_wrong_shape_is_an_error():
-    from hessfunc import _checks
+    from hessfunc._base import _checks
 
     like = {"w": torch.zeros(4)}
     _checks.check_batched("hessfunc.hvps(f, params, vs, *args)", {"w": torch.ones(3, 4)}, like, 3)
@@ -131,7 +131,7 @@ def test_dynamo_is_told_to_route_the_private_kernels():
     it routes or checks while compiling (the compiled case is in the compile zoo)."""
     from torch._dynamo.variables.torch import get_overridable_functions
 
-    from hessfunc import _context, _decomp
+    from hessfunc._base import _context, _decomp
 
     assert _context._dynamo_dispatches_routes()
     routed = get_overridable_functions()

@@ -20,7 +20,7 @@ from conftest import assert_close, tol
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 import hessfunc
-from hessfunc import _progress, _tree
+from hessfunc._base import _progress, _tree
 from hessfunc.data import check_deterministic, linear_operator, mean_over, sum_over
 from hessfunc.losses import CrossEntropyLoss
 
@@ -441,7 +441,7 @@ def test_importing_hessfunc_imports_neither_scipy_nor_needs_tqdm():
 def test_the_scipy_adapter_imports_no_product_module():
     import ast
 
-    tree = ast.parse(open(os.path.join(ROOT, "hessfunc", "linop.py")).read())
+    tree = ast.parse(open(os.path.join(ROOT, "hessfunc", "linalg", "linop.py")).read())
     local = {
         node.module
         for node in ast.walk(tree)

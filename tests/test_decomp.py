@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from conftest import tol
 
 import hessfunc
-from hessfunc import _decomp
-from hessfunc._context import second_order_kernels
+from hessfunc._base import _decomp
+from hessfunc._base._context import second_order_kernels
 
 MODES = ("fwd-rev", "rev-rev")
 aten = torch.ops.aten

@@ -9,7 +9,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import hessfunc
-from hessfunc.check import LowPrecisionWarning, check_hvp
+from hessfunc.checking.check import LowPrecisionWarning, check_hvp
 
 D = torch.float64
 
@@ -105,7 +105,7 @@ def _upcast_loss(w, x):
 
 
 def test_lower_precision_loss_warns_once_per_call():
-    hessfunc._checks._WARNED.clear()
+    hessfunc._base._checks._WARNED.clear()
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         hessfunc.hvp(_upcast_loss, W, W, X)
@@ -121,7 +121,7 @@ def test_lower_precision_loss_warns_once_per_call():
 
 
 def test_lower_precision_check_survives_fullgraph_compile():
-    hessfunc._checks._WARNED.clear()
+    hessfunc._base._checks._WARNED.clear()
     compiled = torch.compile(
         lambda w, v: hessfunc.hvp(_upcast_loss, w, v, X), fullgraph=True, backend="aot_eager"
     )

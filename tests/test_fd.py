@@ -12,8 +12,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import hessfunc
-from hessfunc import _tree
-from hessfunc.fd import _step_along, default_step, fd_grad, fd_hessian_matrix, fd_hvp, fd_hvps
+from hessfunc._base import _tree
+from hessfunc.products.fd import (
+    _step_along,
+    default_step,
+    fd_grad,
+    fd_hessian_matrix,
+    fd_hvp,
+    fd_hvps,
+)
 from hessfunc.testing import directions_like, models, pytrees, tree_problems
 
 

@@ -10,9 +10,10 @@ import zoo
 from conftest import assert_close, tol
 
 import hessfunc
-from hessfunc import _tree, losses
-from hessfunc.fisher import fisher_vp, per_sample_grads
-from hessfunc.ggn import ggn_vp
+from hessfunc import losses
+from hessfunc._base import _tree
+from hessfunc.products.fisher import fisher_vp, per_sample_grads
+from hessfunc.products.ggn import ggn_vp
 
 N = 5
 

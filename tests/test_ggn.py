@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import hessfunc
-from hessfunc import _tree, losses
-from hessfunc.ggn import ggn_matrix, ggn_vp, ggn_vps
+from hessfunc import losses
+from hessfunc._base import _tree
+from hessfunc.products.ggn import ggn_matrix, ggn_vp, ggn_vps
 
 
 def dense_ggn(model_fn, loss_fn, params, *args) -> torch.Tensor:

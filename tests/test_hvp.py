@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import vmap
 
 import hessfunc
-from hessfunc import _tree
+from hessfunc._base import _tree
 
 MODES = ("fwd-rev", "rev-rev")
 

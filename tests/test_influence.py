@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 
 import hessfunc
-from hessfunc import _tree
+from hessfunc._base import _tree
 from hessfunc.losses import CrossEntropyLoss, MSELoss
 
 # the module (``hessfunc.influence`` is the function it exports)
-influence_module = sys.modules["hessfunc.influence"]
+influence_module = sys.modules["hessfunc.influence.influence"]
 
 
 def gen(seed: int) -> torch.Generator:
@@ -703,7 +703,7 @@ def test_kron_solvers_track_the_dense_gauss_newton_on_a_small_mlp():
 
 def test_kron_solvers_build_once_and_pass_over_the_training_set_once_per_stage(monkeypatch):
     params, loss, _, train, test, alpha, options = ce_mlp()
-    kron_module = sys.modules["hessfunc._influence_kron"]
+    kron_module = sys.modules["hessfunc.kron._influence_kron"]
     seen = []
     for name in ("kfac", "ekfac"):
         real = getattr(kron_module, name)

@@ -25,7 +25,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import hessfunc
-from hessfunc import _tree
+from hessfunc._base import _tree
 from hessfunc.losses import CrossEntropyLoss
 
 # rounding of a few hundred float64 matvecs and vector updates on vectors of norm ~1-100

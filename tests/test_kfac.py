@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import hessfunc
-from hessfunc import _tree
+from hessfunc._base import _tree
 from hessfunc.losses import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss, NLLLoss
 
 EXACT = dict(rtol=1e-12, atol=1e-12)

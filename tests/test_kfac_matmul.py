@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hessfunc
-from hessfunc import _tree
+from hessfunc._base import _tree
 from hessfunc.losses import CrossEntropyLoss, MSELoss
 
 EXACT = dict(rtol=1e-12, atol=1e-12)

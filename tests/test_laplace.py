@@ -183,7 +183,7 @@ def test_reduce_sums_every_pass_over_processes(structure):
     net, X, y = MLP
     model, params = _model(net)
     twice = fit(model, _ce, params, BATCHES + BATCHES, structure=structure)
-    double = lambda tree: hessfunc._tree.tree_map(lambda t: 2 * t, tree)  # noqa: E731
+    double = lambda tree: hessfunc._base._tree.tree_map(lambda t: 2 * t, tree)  # noqa: E731
     reduced = fit(model, _ce, params, BATCHES, structure=structure, reduce=double)
     assert reduced.n_data == twice.n_data == 80
     for delta in (0.5, torch.tensor([0.5, 1.5, 2.0, 3.0])):

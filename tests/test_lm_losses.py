@@ -17,7 +17,7 @@ from conftest import assert_close
 from torch import nn
 
 import hessfunc
-from hessfunc import _tree
+from hessfunc._base import _tree
 from hessfunc.losses import CrossEntropyLoss, NLLLoss
 
 V, D, H = 7, 3, 4

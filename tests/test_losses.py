@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from conftest import assert_close, tol
 from torch.func import jacrev, jvp
 
-from hessfunc import _tree, losses
+from hessfunc import losses
+from hessfunc._base import _tree
 
 N, C = 5, 4
 

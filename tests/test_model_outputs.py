@@ -16,7 +16,7 @@ import torch.utils._pytree as pytree
 from conftest import assert_close
 
 import hessfunc
-from hessfunc import _tree
+from hessfunc._base import _tree
 from hessfunc.losses import CrossEntropyLoss
 
 N, D, C = 6, 4, 3

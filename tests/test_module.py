@@ -10,7 +10,7 @@ from test_hvp import autograd_hvp, direction
 from torch import nn
 
 import hessfunc
-from hessfunc import _tree
+from hessfunc._base import _tree
 
 
 class Tied(nn.Module):

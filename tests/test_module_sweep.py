@@ -66,7 +66,7 @@ FAST = frozenset(
         "parametrizations.weight_norm(nn.Linear)",
         "utils.spectral_norm(nn.Linear)",
         "utils.weight_norm(nn.Linear)",
-        # pseudo-gradients (hessfunc/_pseudo.py)
+        # pseudo-gradients (hessfunc/_base/_pseudo.py)
         "nn.Embedding(scale_grad_by_freq)",
         "nn.Sequential(Embedding(padding_idx=0), Flatten, Linear)",
     }

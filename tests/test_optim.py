@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from conftest import tol
 
 import hessfunc
-from hessfunc import _tree
+from hessfunc._base import _tree
 from hessfunc.losses import CrossEntropyLoss, MSELoss
 
 EXACT = tol("exact", torch.float64)

@@ -1,8 +1,8 @@
 """Embeddings whose backward is a pseudo-gradient: every product is a derivative of one function.
 
 ``nn.Embedding(padding_idx=p)`` zeroes the padding row's gradient on purpose. hessfunc reads
-that as "row p is held constant" (``hessfunc/_pseudo.py``), so the Hessian is ``P H P`` and the
-GGN ``P G P``. The references here are built from the VALUE of a function that holds the row
+that as "row p is held constant" (``hessfunc/_base/_pseudo.py``), so the Hessian is ``P H P`` and
+the GGN ``P G P``. The references here are built from the VALUE of a function that holds the row
 constant explicitly with plain indexing (``torch.autograd.functional`` on it, and second
 differences of ``f`` itself), never from torch's pseudo-gradient.
 """

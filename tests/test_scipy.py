@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from scipy.sparse.linalg import eigsh, lobpcg
 
 import hessfunc
-from hessfunc import _tree
+from hessfunc._base import _tree
 from hessfunc.data import linear_operator
 
 

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import hessfunc
-from hessfunc import _tree
+from hessfunc._base import _tree
 
 
 def spd(n, seed, cond=10.0):
@@ -161,8 +161,8 @@ def test_newton_cg_reaches_the_optimum_of_a_convex_problem_in_few_steps():
 
 def test_newton_cg_with_gauss_newton_curvature():
     f, params, X, y = _logistic()
-    from hessfunc.ggn import ggn_vp
     from hessfunc.losses import BCEWithLogitsLoss
+    from hessfunc.products.ggn import ggn_vp
 
     model = lambda p, X: X @ p["w"] + p["b"]
     loss = BCEWithLogitsLoss(y)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import hessfunc
-from hessfunc import _tree
+from hessfunc._base import _tree
 
 
 def like(n: int) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import hessfunc
-from hessfunc import _tree
+from hessfunc._base import _tree
 from hessfunc.losses import CrossEntropyLoss
 
 pytestmark = pytest.mark.compile

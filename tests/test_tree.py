@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import hessfunc
-from hessfunc import _tree
+from hessfunc._base import _tree
 
 
 class Pair(NamedTuple):

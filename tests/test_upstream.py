@@ -65,7 +65,7 @@ def test_inductor_miscompiles_forward_over_reverse_through_norm_attention():
     assert err > 1e-2, (
         f"torch {torch.__version__} now compiles the forward-over-reverse reproduction right "
         f"(relative error {err:.2g}). hessfunc traces every Hessian product reverse-over-reverse "
-        "under torch.compile because of it (hessfunc._context.traced_mode): rerun the whole "
+        "under torch.compile because of it (hessfunc._base._context.traced_mode): rerun the whole "
         "compile zoo with forward-over-reverse before revisiting that rule."
     )
 
@@ -101,6 +101,6 @@ def test_compiled_forward_mode_dot_crashes_the_process():
         assert abs(float(out.stdout.strip())) < 1e-5, out.stdout
         pytest.skip(
             f"torch {torch.__version__} no longer crashes here and gets it right: revisit "
-            "hessfunc._decomp.dot"
+            "hessfunc._base._decomp.dot"
         )
     assert "Segmentation fault" in out.stderr or out.returncode == -11, out.stderr[-500:]

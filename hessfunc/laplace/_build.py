@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from .. import _tree
-from ..estimators import random_probes
-from ..kfac import kfac
-from ..lanczos import eigsh
-from ..slq import slq
+from .._base import _tree
+from ..kron.kfac import kfac
+from ..linalg.estimators import random_probes
+from ..linalg.lanczos import eigsh
+from ..linalg.slq import slq
 from . import _problem
 from .structures import Diag, Full, Kron, KronBlock, LowRank, MatrixFree
 

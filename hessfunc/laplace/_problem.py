@@ -16,7 +16,8 @@ import torch
 from torch.func import jacrev, vmap
 from torch.overrides import TorchFunctionMode
 
-from .. import _tree, data
+from .. import data
+from .._base import _tree
 from ..losses import BCEWithLogitsLoss, CrossEntropyLoss, Loss, MSELoss
 
 WHERE = "hessfunc.laplace.fit(model_fn, loss_fn, params, batches)"
@@ -123,7 +124,7 @@ class Problem:
 
     def matvec(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """``v -> GGN_sum v`` over the dataset (the summed loss), on raveled vectors."""
-        from ..ggn import ggn_vp
+        from ..products.ggn import ggn_vp
 
         theta = self.theta
 

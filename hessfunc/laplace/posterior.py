@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import torch
 
-from .. import _checks, _tree
+from .._base import _checks, _tree
 from ..losses import Loss
 from . import _build, _problem, evidence, predictive
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from .. import _tree
+from .._base import _tree
 from . import _problem, evidence
 
 if TYPE_CHECKING:

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from typing_extensions import override
 
-from .. import solvers
-from ..lanczos import lanczos
+from ..linalg import solvers
+from ..linalg.lanczos import lanczos
 
 Tensor = torch.Tensor
 

@@ -37,8 +37,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .. import _checks, _tree
-from .._types import PyTree
+from .._base import _checks, _tree
+from .._base._types import PyTree
 
 INFO_FIELDS: tuple[str, ...] = ("loss",)
 """The fields every ``info`` starts with, in this order."""

@@ -33,10 +33,10 @@ from typing import Any, NamedTuple
 import torch
 from torch.func import grad_and_value
 
-from .. import _checks, _tree
-from .._types import PyTree
-from ..estimators import hutchinson_diag
-from ..hvp import hvp
+from .._base import _checks, _tree
+from .._base._types import PyTree
+from ..linalg.estimators import hutchinson_diag
+from ..products.hvp import hvp
 from . import _base
 
 __all__ = ["AdaHessianInfo", "adahessian"]

@@ -32,11 +32,11 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch.func import grad_and_value
 
-from .. import _checks, _tree
-from .._types import PyTree
-from ..ggn import ggn_vp
-from ..hvp import hvp
-from ..solvers import cg
+from .._base import _checks, _tree
+from .._base._types import PyTree
+from ..linalg.solvers import cg
+from ..products.ggn import ggn_vp
+from ..products.hvp import hvp
 from . import _base
 
 __all__ = ["HessianFreeInfo", "hessian_free"]

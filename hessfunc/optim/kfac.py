@@ -57,11 +57,12 @@ from typing import Any, NamedTuple
 import torch
 from torch.func import grad_and_value, jvp
 
-from .. import _checks, _context, _kron, _tree
-from .._kron import FISHERS, Fisher
-from .._layers import Layout, Recorder, plan
-from .._types import PyTree
-from ..kfac import factor_sums
+from .._base import _checks, _context, _tree
+from .._base._types import PyTree
+from ..kron import _kron
+from ..kron._kron import FISHERS, Fisher
+from ..kron._layers import Layout, Recorder, plan
+from ..kron.kfac import factor_sums
 from ..losses import Loss
 from . import _base
 

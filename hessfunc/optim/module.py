@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .. import _tree
+from .._base import _tree
 from ._base import Optimizer
 
 __all__ = ["ModuleOptimizer"]

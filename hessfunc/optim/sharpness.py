@@ -26,11 +26,11 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from .. import _checks, _tree
-from .._types import PyTree
-from ..ggn import ggn_vp
-from ..hvp import hvp
-from ..lanczos import power_iteration
+from .._base import _checks, _tree
+from .._base._types import PyTree
+from ..linalg.lanczos import power_iteration
+from ..products.ggn import ggn_vp
+from ..products.hvp import hvp
 from . import _base
 
 __all__ = ["SharpnessInfo", "sharpness"]

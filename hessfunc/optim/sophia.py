@@ -40,11 +40,11 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch.func import grad_and_value, vjp
 
-from .. import _checks, _tree
-from .._types import PyTree
-from ..estimators import hutchinson_diag
-from ..gnb import check_loss, gnb_from_pullback, uniform_noise
-from ..hvp import hvp
+from .._base import _checks, _tree
+from .._base._types import PyTree
+from ..linalg.estimators import hutchinson_diag
+from ..products.gnb import check_loss, gnb_from_pullback, uniform_noise
+from ..products.hvp import hvp
 from . import _base
 
 __all__ = ["SophiaInfo", "sophia"]

@@ -13,7 +13,7 @@ from torch.nn.utils.parametrizations import _SpectralNorm as _SpectralNormParame
 from torch.nn.utils.spectral_norm import SpectralNorm as _SpectralNormHook
 from torch.nn.utils.weight_norm import WeightNorm as _WeightNormHook
 
-from ._unwrap import unwrap_module
+from .._base._unwrap import unwrap_module
 
 __all__ = ["from_module"]
 

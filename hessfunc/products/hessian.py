@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch.func import jvp, vjp, vmap
 
-from . import _checks, _context, _memory, _progress, _tree
-from ._types import Mode, PyTree
+from .._base import _checks, _context, _memory, _progress, _tree
+from .._base._types import Mode, PyTree
 from .hvp import over_gradient
 
 __all__ = ["hessian", "hessian_matrix"]

@@ -22,8 +22,8 @@ from typing import NamedTuple
 
 import torch
 
-from . import _checks, _operator
-from ._types import PyTree
+from .._base import _checks, _operator
+from .._base._types import PyTree
 from .estimators import TraceEstimate
 from .lanczos import _check_iters, _tridiagonal, check_finite, lanczos_rows
 

@@ -28,16 +28,10 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch.func import vjp, vmap
 
-from . import _checks, _context, _memory, _outputs, _tree
+from .._base import _checks, _context, _memory, _outputs, _tree
+from .._base._types import PyTree
+from ..losses import CrossEntropyLoss, GaussianNLLLoss, Loss, NLLLoss, _ElementwiseLoss
 from ._layers import SUPPORTED, Block, Call, Layout, Recorder, block_grads, block_inputs, plan
-from ._types import PyTree
-from .losses import (
-    CrossEntropyLoss,
-    GaussianNLLLoss,
-    Loss,
-    NLLLoss,
-    _ElementwiseLoss,
-)
 
 Fisher = Literal["type-2", "mc", "empirical"]
 FISHERS = ("type-2", "mc", "empirical")

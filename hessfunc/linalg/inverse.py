@@ -34,8 +34,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from . import _checks, _tree
-from ._types import PyTree
+from .._base import _checks, _tree
+from .._base._types import PyTree
 from .lanczos import eigsh
 
 __all__ = ["LissaResult", "LowRankInverse", "lissa", "low_rank_inverse"]

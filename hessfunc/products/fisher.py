@@ -37,10 +37,10 @@ from typing import Any, Literal
 import torch
 from torch.func import grad, vmap
 
-from . import _checks, _context, _outputs, _tree
-from ._types import Mode, PyTree
+from .._base import _checks, _context, _outputs, _tree
+from .._base._types import Mode, PyTree
+from ..losses import Loss
 from .ggn import _check_model_fn, _linearise
-from .losses import Loss
 
 __all__ = ["fisher_vp", "per_sample_grads"]
 
@@ -98,7 +98,7 @@ def fisher_vp(
         Fisher is :math:`\sum_i 4 r_i^2 x_i x_i^\top` with residuals :math:`r_i`:
 
         >>> import torch
-        >>> from hessfunc.fisher import fisher_vp
+        >>> from hessfunc.products.fisher import fisher_vp
         >>> from hessfunc.losses import MSELoss
         >>> X = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
         >>> y, w, v = torch.ones(2), torch.zeros(2), torch.ones(2)
@@ -196,7 +196,7 @@ def per_sample_grads(
         :math:`(x_i^\top w)\, x_i`:
 
         >>> import torch
-        >>> from hessfunc.fisher import per_sample_grads
+        >>> from hessfunc.products.fisher import per_sample_grads
         >>> f = lambda w, X: 0.5 * ((X @ w) ** 2).sum()
         >>> X = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
         >>> per_sample_grads(f, torch.ones(2), X)

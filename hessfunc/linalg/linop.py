@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import _checks, _tree
-from ._types import PyTree
+from .._base import _checks, _tree
+from .._base._types import PyTree
 
 if TYPE_CHECKING:
     from scipy.sparse.linalg import LinearOperator

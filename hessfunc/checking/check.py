@@ -2,7 +2,7 @@ r"""Checkers: automatic differentiation through ``f`` against finite differences
 
 Modelled on ``jax.test_util.check_grads``: each checker draws random unit directions from an
 explicit ``torch.Generator``, compares what autodiff computes through ``f`` with finite
-differences (:mod:`hessfunc.fd`), checks the symmetry identity
+differences (:mod:`hessfunc.products.fd`), checks the symmetry identity
 :math:`\langle u, Hv \rangle = \langle Hu, v \rangle`, and either returns a :class:`CheckReport`
 or raises an ``AssertionError`` that says which check failed, by how much, and the likely cause.
 
@@ -34,12 +34,10 @@ from typing import Any, NamedTuple
 import torch
 from torch.func import jacrev, vmap
 
-from . import _checks, _tree
-from ._checks import LowPrecisionWarning
-from ._diagnoses import diagnose as _diagnose
-from ._diagnoses import lower_precision as _lower_precision
-from ._types import PyTree
-from .fd import (
+from .._base import _checks, _tree
+from .._base._checks import LowPrecisionWarning
+from .._base._types import PyTree
+from ..products.fd import (
     _check_order,
     _check_step,
     _least_precise,
@@ -48,8 +46,10 @@ from .fd import (
     fd_hessian_matrix,
     fd_hvps,
 )
-from .hessian import hessian_matrix
-from .hvp import hvps
+from ..products.hessian import hessian_matrix
+from ..products.hvp import hvps
+from ._diagnoses import diagnose as _diagnose
+from ._diagnoses import lower_precision as _lower_precision
 
 __all__ = [
     "TOLERANCES",
@@ -77,7 +77,7 @@ class CheckReport(NamedTuple):
         errors: check name -> largest relative error over directions (see the module docstring);
             ``inf`` for a check whose autodiff call raised.
         step: the explicit ``step``, or the base step :math:`h_0` of the default rule (scaled per
-            direction as described in :mod:`hessfunc.fd`); ``None`` for
+            direction as described in :mod:`hessfunc.products.fd`); ``None`` for
             :func:`hessfunc.check_compiled`, which uses no finite differences.
         directions: the unit directions used, a pytree like ``params`` with a leading axis
             (``None`` for :func:`hessfunc.check_compiled`).
@@ -111,7 +111,7 @@ def _tolerances(where: str, params: PyTree, rtol: Any, atol: Any) -> tuple[float
     table = TOLERANCES.get(dtype)
     if table is None and (rtol is None or atol is None):
         raise ValueError(
-            f"{where}: no default tolerance for {dtype} (hessfunc.check.TOLERANCES covers "
+            f"{where}: no default tolerance for {dtype} (hessfunc.checking.check.TOLERANCES covers "
             f"{', '.join(map(str, TOLERANCES))}); pass rtol= and atol= explicitly."
         )
     return (
@@ -247,7 +247,7 @@ def check_grad(
 
     For ``n_directions`` random unit directions :math:`v_j`, compares
     :math:`\langle \nabla f(\theta), v_j\rangle` (autodiff) with
-    :func:`hessfunc.fd.fd_grad` along :math:`v_j`.
+    :func:`hessfunc.products.fd.fd_grad` along :math:`v_j`.
 
     Args:
         f: ``f(params, *args) -> scalar tensor``.
@@ -256,7 +256,7 @@ def check_grad(
         n_directions: number of random directions.
         generator: source of the directions (``None``: a CPU generator seeded with 0, so the
             check is reproducible); it is advanced.
-        step: finite-difference step (``None``: the default rule of :mod:`hessfunc.fd`).
+        step: finite-difference step (``None``: the default rule of :mod:`hessfunc.products.fd`).
         order: finite-difference order, 2 or 4.
         rtol: relative tolerance (default from :data:`TOLERANCES` for the least precise dtype).
         atol: absolute tolerance, the floor of the scale (default from :data:`TOLERANCES`).
@@ -271,7 +271,7 @@ def check_grad(
 
     Example:
         >>> import torch
-        >>> from hessfunc.check import check_grad
+        >>> from hessfunc.checking.check import check_grad
         >>> check_grad(lambda t: torch.sin(t).sum(), torch.randn(4, dtype=torch.float64)).ok
         True
 
@@ -305,7 +305,7 @@ def check_hvp(
     * ``"grad"``: the gradient, as in :func:`check_grad` (so a wrong first derivative is
       told apart from a wrong second derivative);
     * ``"hvp[<mode>]"`` for each of ``modes``: :func:`hessfunc.hvps` against
-      :func:`hessfunc.fd.fd_hvps` (differences of exact gradients);
+      :func:`hessfunc.products.fd.fd_hvps` (differences of exact gradients);
     * ``"symmetry"``: the matrix :math:`M_{ij} = \langle v_i, H v_j \rangle` of the first mode
       that ran is symmetric, i.e. :math:`\langle u, Hv\rangle = \langle Hu, v\rangle`
       (needs ``n_directions >= 2`` to say anything).
@@ -319,7 +319,7 @@ def check_hvp(
             exception text in the message.
         n_directions: number of random directions.
         generator: source of the directions (``None``: a CPU generator seeded with 0).
-        step: finite-difference step (``None``: the default rule of :mod:`hessfunc.fd`).
+        step: finite-difference step (``None``: the default rule of :mod:`hessfunc.products.fd`).
         order: finite-difference order, 2 or 4.
         rtol: relative tolerance (default from :data:`TOLERANCES`).
         atol: absolute tolerance (default from :data:`TOLERANCES`).
@@ -334,7 +334,7 @@ def check_hvp(
 
     Example:
         >>> import torch
-        >>> from hessfunc.check import check_hvp
+        >>> from hessfunc.checking.check import check_hvp
         >>> f = lambda t, A: torch.tanh(A @ t).sum()
         >>> A = torch.randn(3, 3, dtype=torch.float64)
         >>> report = check_hvp(f, torch.randn(3, dtype=torch.float64), A)
@@ -387,7 +387,7 @@ def check_hessian(
 
     * ``"grad"``: the gradient, as in :func:`check_grad`;
     * ``"hessian[<mode>]"`` for each of ``modes``: :func:`hessfunc.hessian_matrix` against
-      :func:`hessfunc.fd.fd_hessian_matrix`, relative error in the Frobenius norm;
+      :func:`hessfunc.products.fd.fd_hessian_matrix`, relative error in the Frobenius norm;
     * ``"symmetry"``: :math:`\|H - H^\top\| / \|H\|` for the first mode that ran (the identity
       :math:`\langle u, Hv\rangle = \langle Hu, v\rangle` for all directions at once);
     * ``"matrix-vs-hvp"``: :math:`H v_j` from the matrix against :func:`hessfunc.hvps` along
@@ -400,7 +400,7 @@ def check_hessian(
         modes: the AD modes to check (default both).
         n_directions: number of random directions for ``"grad"`` and ``"matrix-vs-hvp"``.
         generator: source of the directions (``None``: a CPU generator seeded with 0).
-        step: finite-difference step (``None``: the default rule of :mod:`hessfunc.fd`).
+        step: finite-difference step (``None``: the default rule of :mod:`hessfunc.products.fd`).
         order: finite-difference order, 2 or 4.
         chunk_size: basis directions per vectorised pass for both dense builds.
         max_bytes: memory budget for each dense build (see :func:`hessfunc.hessian_matrix`).
@@ -421,7 +421,7 @@ def check_hessian(
 
         >>> import torch
         >>> import torch.nn.functional as F
-        >>> from hessfunc.check import check_hessian
+        >>> from hessfunc.checking.check import check_hessian
         >>> X = torch.randn(6, 3, dtype=torch.float64)
         >>> y = torch.rand(6, dtype=torch.float64)
         >>> f = lambda w, X, y: F.binary_cross_entropy_with_logits(X @ w, y)

@@ -20,8 +20,8 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from . import _checks, _operator
-from ._types import PyTree
+from .._base import _checks, _operator
+from .._base._types import PyTree
 
 __all__ = [
     "EigshResult",

@@ -1,8 +1,8 @@
 """The checkers' diagnoses: which check failed, and the likely cause in words.
 
-:mod:`hessfunc.check` measures; this module turns the measured errors into the message of its
-``AssertionError`` / ``CheckReport``. The causes name what can make each check fail, including
-backward formulas that are not the derivative of their forward (pseudo-gradients) and a loss
+:mod:`hessfunc.checking.check` measures; this module turns the measured errors into the
+message of its ``AssertionError`` / ``CheckReport``. The causes name what can make each check
+fail, including backward formulas that are not the derivative of their forward (pseudo-gradients) and a loss
 computed in a less precise dtype than the parameters, which would otherwise read as a wrong
 derivative.
 """
@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import torch
 
-from . import _checks
-from ._types import PyTree
+from .._base import _checks
+from .._base._types import PyTree
 
 _FD_NOTE = (
     "To rule out the finite differences themselves, rerun with order=4 or another step (e.g. "

@@ -32,10 +32,10 @@ from typing import Any
 import torch
 from torch.func import jacrev, jvp, vjp, vmap
 
-from . import _checks, _context, _memory, _outputs, _tree
-from ._types import Mode, PyTree
+from .._base import _checks, _context, _memory, _outputs, _tree
+from .._base._types import Mode, PyTree
+from ..losses import Loss
 from .hessian import rows_over_basis
-from .losses import Loss
 
 __all__ = ["ggn_matrix", "ggn_vp", "ggn_vps"]
 
@@ -45,7 +45,7 @@ def _linearise(
 ) -> tuple[_outputs.Flat, _outputs.Flat, Callable[[_outputs.Flat], PyTree]]:
     """``(f, J v, u -> J^T u)`` at ``params`` from a single forward pass of the model.
 
-    Outputs travel as the flat tuple of their floating tensors (:mod:`hessfunc._outputs`), so
+    Outputs travel as the flat tuple of their floating tensors (:mod:`hessfunc._base._outputs`), so
     tensors, tuples, dicts, ``ModelOutput``s and outputs holding a cache behave the same in
     both modes.
 
@@ -79,7 +79,7 @@ def _output_hvp(
     Closed form for hessfunc losses (on the part they read), else autodiff of ``loss_fn`` of the
     rebuilt outputs.
     The autodiff product is a Hessian product in output space, so it follows the rule of
-    :func:`hessfunc._context.traced_mode`: ``mode``'s path eagerly, reverse-over-reverse under
+    :func:`hessfunc._base._context.traced_mode`: ``mode``'s path eagerly, reverse-over-reverse under
     compile. ``jvp`` of ``jacrev`` rather than of ``grad``: ``jvp(grad(L))`` raises
     "ZeroTensors are immutable" when ``L`` uses ``F.mse_loss`` (pytorch#123996).
     """
@@ -169,7 +169,7 @@ def ggn_vp(
         A linear model with summed squared error has :math:`G = 2 X^\top X`, equal to the
         Hessian:
 
-        >>> import torch, hessfunc.ggn as ggn
+        >>> import torch, hessfunc.products.ggn as ggn
         >>> from hessfunc.losses import MSELoss
         >>> X = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
         >>> model = lambda w, X: X @ w
@@ -221,7 +221,7 @@ def ggn_vps(
         ``chunk_size``.
 
     Example:
-        >>> import torch, hessfunc.ggn as ggn
+        >>> import torch, hessfunc.products.ggn as ggn
         >>> from hessfunc.losses import MSELoss
         >>> model = lambda w: 3.0 * w
         >>> loss = MSELoss(torch.zeros(2), reduction="sum")
@@ -279,7 +279,7 @@ def ggn_matrix(
     Example:
         Logistic regression, :math:`G = X^\top \operatorname{diag}(\sigma(1-\sigma)) X`:
 
-        >>> import torch, hessfunc.ggn as ggn
+        >>> import torch, hessfunc.products.ggn as ggn
         >>> from hessfunc.losses import BCEWithLogitsLoss
         >>> X = torch.tensor([[1.0, 0.0], [1.0, 2.0]], dtype=torch.float64)
         >>> loss = BCEWithLogitsLoss(torch.ones(2, dtype=torch.float64), reduction="sum")

@@ -40,13 +40,13 @@ from typing import Any, Literal
 import torch
 from torch.func import vmap
 
-from . import _checks, _memory, _tree
+from .._base import _checks, _memory, _tree
+from .._base._types import Mode, PyTree
+from ..linalg.inverse import _check_damping
+from ..products.fisher import per_sample_grads
+from ..products.hessian import hessian_matrix, rows_over_basis
+from ..products.hvp import hvp
 from ._influence_solvers import SOLVERS, WHERE, Problem, user_solver
-from ._types import Mode, PyTree
-from .fisher import per_sample_grads
-from .hessian import hessian_matrix, rows_over_basis
-from .hvp import hvp
-from .inverse import _check_damping
 
 __all__ = ["influence"]
 

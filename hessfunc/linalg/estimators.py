@@ -35,8 +35,8 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from . import _checks, _operator, _tree
-from ._types import PyTree
+from .._base import _checks, _operator, _tree
+from .._base._types import PyTree
 
 __all__ = [
     "DiagEstimate",

@@ -26,12 +26,12 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .._base._types import PyTree
+from ..losses import Loss
 from . import _kron
 from ._kron import Fisher
 from ._layers import Layout
-from ._types import PyTree
 from .kfac import KFAC, _add, _normalise_grads, factor_sums
-from .losses import Loss
 
 __all__ = ["EKFAC", "Moments", "ekfac"]
 

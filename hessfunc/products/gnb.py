@@ -49,9 +49,9 @@ from typing import Any
 import torch
 from torch.func import grad, vjp
 
-from . import _checks, _tree
-from ._types import PyTree
-from .losses import Loss
+from .._base import _checks, _tree
+from .._base._types import PyTree
+from ..losses import Loss
 
 __all__ = ["gnb_diag"]
 
@@ -127,7 +127,7 @@ def gnb_diag(
     :math:`\hat g` is the gradient of the loss at labels drawn from the model's predictive
     distribution, :math:`c` the reduction's factor ``loss.scale(outputs)``; the estimate is
     unbiased for ``diag(hessfunc.ggn_matrix(model_fn, loss, params, *args))`` (proof in
-    :mod:`hessfunc.gnb`). One draw per sample; average several calls for less variance.
+    :mod:`hessfunc.products.gnb`). One draw per sample; average several calls for less variance.
 
     Args:
         model_fn: ``model_fn(params, *args) -> outputs``, samples along axis 0, each row

@@ -8,8 +8,8 @@ from typing import Any, TypeVar
 import torch
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
-from . import _checks, _context, _operator, _tree
-from ._types import Mode, PyTree
+from .._base import _checks, _context, _operator, _tree
+from .._base._types import Mode, PyTree
 
 __all__ = ["hessian_operator", "hvp", "hvps"]
 

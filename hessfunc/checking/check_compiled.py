@@ -2,7 +2,7 @@ r"""A guard for compiled code: run a function compiled and eagerly, and compare 
 
 Inductor, ``torch.compile``'s default backend, generates its own kernels, and on some models and
 shapes they compute the wrong numbers without any error (hessfunc's own products trace the
-modes that were right in every case measured: see ``hessfunc._context.traced_mode``). A
+modes that were right in every case measured: see ``hessfunc._base._context.traced_mode``). A
 compiled training step that contains curvature products is only as trustworthy as the kernels
 it was given, so check it once on real inputs before a long run::
 
@@ -11,7 +11,7 @@ it was given, so check it once on real inputs before a long run::
     for batch in loader:
         params = step(params, batch)
 
-Error measure (the one :mod:`hessfunc.check` uses): for each floating output leaf ``a``
+Error measure (the one :mod:`hessfunc.checking.check` uses): for each floating output leaf ``a``
 (compiled) and ``b`` (eager),
 
 .. math:: e = \frac{\|a - b\|}{\|b\| + \text{atol}/\text{rtol}},
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from . import _tree
+from .._base import _tree
 from .check import CheckReport
 
 __all__ = ["TOLERANCES", "check_compiled"]

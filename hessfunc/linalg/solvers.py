@@ -8,9 +8,9 @@ from typing import Any, NamedTuple
 import torch
 from torch.func import grad_and_value
 
-from . import _checks, _tree
-from ._types import Mode, PyTree
-from .hvp import hvp
+from .._base import _checks, _tree
+from .._base._types import Mode, PyTree
+from ..products.hvp import hvp
 
 __all__ = ["CGResult", "NewtonCGResult", "cg", "newton_cg_step"]
 

@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
+from .._base._types import PyTree
+from ..losses import Loss
 from ._kron import FISHERS
-from ._types import PyTree
 from .ekfac import EKFAC, ekfac
 from .kfac import kfac
-from .losses import Loss
 
 DEFAULTS: dict[str, Any] = {
     "model_fn": None,

@@ -27,8 +27,8 @@ from typing import Any, Literal
 
 import torch
 
-from . import _checks, _operator, _tree
-from ._types import PyTree
+from .._base import _checks, _operator, _tree
+from .._base._types import PyTree
 from .estimators import TraceEstimate
 
 __all__ = ["block_trace", "blockwise"]

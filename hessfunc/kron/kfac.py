@@ -38,11 +38,12 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
 
-from . import _kron, _tree
+from .._base import _tree
+from .._base._types import PyTree
+from ..losses import Loss
+from . import _kron
 from ._kron import Fisher, Pass
 from ._layers import Layout
-from ._types import PyTree
-from .losses import Loss
 
 if TYPE_CHECKING:
     from .ekfac import EKFAC

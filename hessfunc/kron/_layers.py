@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from . import _tree
+from .._base import _tree
 
 SUPPORTED = "F.linear / F.conv1d / F.conv2d / F.conv3d / x @ W / torch.addmm(b, x, W)"
 

@@ -53,8 +53,8 @@ from typing import Any
 import torch
 from torch.func import vmap
 
-from . import _checks, _context, _memory, _tree
-from ._types import PyTree
+from .._base import _checks, _context, _memory, _tree
+from .._base._types import PyTree
 from .hessian import _flat_objective
 from .hvp import _grad_fn
 
@@ -111,7 +111,7 @@ def default_step(dtype: torch.dtype, order: int = 2) -> float:
 
     Example:
         >>> import torch
-        >>> from hessfunc.fd import default_step
+        >>> from hessfunc.products.fd import default_step
         >>> u = torch.finfo(torch.float32).eps
         >>> default_step(torch.float32) == u ** (1 / 3)
         True
@@ -121,10 +121,11 @@ def default_step(dtype: torch.dtype, order: int = 2) -> float:
         6.06e-06
 
     """
-    _check_order("hessfunc.fd.default_step(dtype, order)", order)
+    _check_order("hessfunc.products.fd.default_step(dtype, order)", order)
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(
-            f"hessfunc.fd.default_step(dtype, order): expected a floating dtype, got {dtype!r}."
+            "hessfunc.products.fd.default_step(dtype, order): expected a floating dtype, "
+            f"got {dtype!r}."
         )
     return torch.finfo(dtype).eps ** (1.0 / (order + 1))
 
@@ -227,7 +228,7 @@ def fd_grad(
         The gradient of :math:`\sum_i \theta_i^3` is :math:`3\theta^2`:
 
         >>> import torch
-        >>> from hessfunc.fd import fd_grad
+        >>> from hessfunc.products.fd import fd_grad
         >>> th = torch.tensor([1.0, -2.0], dtype=torch.float64)
         >>> g = fd_grad(lambda t: (t**3).sum(), th)
         >>> torch.allclose(g, 3 * th**2, rtol=1e-9)
@@ -289,7 +290,7 @@ def fd_hvp(
         The Hessian of :math:`\theta^\top A \theta` is :math:`A + A^\top`:
 
         >>> import torch
-        >>> from hessfunc.fd import fd_hvp
+        >>> from hessfunc.products.fd import fd_hvp
         >>> A = torch.tensor([[1.0, 2.0], [0.0, 3.0]], dtype=torch.float64)
         >>> th = torch.ones(2, dtype=torch.float64)
         >>> v = torch.tensor([1.0, 0.0], dtype=torch.float64)
@@ -340,7 +341,7 @@ def fd_hvps(
 
     Example:
         >>> import torch
-        >>> from hessfunc.fd import fd_hvps
+        >>> from hessfunc.products.fd import fd_hvps
         >>> eye = torch.eye(3, dtype=torch.float64)
         >>> H = fd_hvps(lambda t: (t**2).sum(), torch.zeros(3, dtype=torch.float64), eye)
         >>> torch.allclose(H, 2 * torch.eye(3, dtype=torch.float64))
@@ -399,7 +400,7 @@ def fd_hessian_matrix(
         Linear regression with mean squared error has Hessian :math:`2 X^\top X / N`:
 
         >>> import torch
-        >>> from hessfunc.fd import fd_hessian_matrix
+        >>> from hessfunc.products.fd import fd_hessian_matrix
         >>> X = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], dtype=torch.float64)
         >>> f = lambda w, X: ((X @ w - 1.0) ** 2).mean()
         >>> H = fd_hessian_matrix(f, torch.zeros(2, dtype=torch.float64), X)

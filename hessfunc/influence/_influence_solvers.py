@@ -14,10 +14,11 @@ from typing import Any, NamedTuple
 import torch
 from torch.func import vmap
 
-from . import _influence_kron, _tree
-from ._types import PyTree
-from .inverse import lissa, low_rank_inverse
-from .solvers import cg
+from .._base import _tree
+from .._base._types import PyTree
+from ..kron import _influence_kron
+from ..linalg.inverse import lissa, low_rank_inverse
+from ..linalg.solvers import cg
 
 WHERE = "hessfunc.influence(loss, params, train, test)"
 
