@@ -571,16 +571,28 @@ def _moved(p: dict, u: dict, a: float, v: dict, b: float) -> dict:
 STEP0, STEPS = 0.2, 16
 
 
-def richardson(d: list[torch.Tensor]) -> tuple[torch.Tensor, float]:
+def richardson(
+    d: list[torch.Tensor], rounding: list[float] | None = None
+) -> tuple[torch.Tensor, float]:
     """The Richardson estimate ``r_k = (4 d(h_k / 2) - d(h_k)) / 3`` that agrees best with both
     its neighbours on the step ladder, and the larger of those two disagreements (its error
     estimate; two neighbours, so that a coincidence of one pair cannot claim convergence).
     Large steps lose to the truncation error, small ones to rounding; the best estimate sits
-    between them."""
+    between them.
+
+    ``rounding[k]``, where given, bounds the rounding error of ``d[k]``; each estimate's error
+    then includes what its two differences carry, ``(4 rounding[k+1] + rounding[k]) / 3``. The
+    disagreement of neighbours cannot see rounding that scales like the truncation term: a
+    second difference whose numerator is a few thousand ulps rounds to integers in the ratio
+    4 : 1 from one step to the next, the quotient is constant down the ladder, and neighbours
+    agree exactly on a value that is off in its fifth digit."""
     r = [(4 * d[k + 1] - d[k]) / 3 for k in range(len(d) - 1)]
+    floor = [0.0] * len(r)
+    if rounding is not None:
+        floor = [(4 * rounding[k + 1] + rounding[k]) / 3 for k in range(len(r))]
     best, err = r[-1], float("inf")
     for k in range(1, len(r) - 1):
-        e = max(float((r[k] - r[k - 1]).norm()), float((r[k + 1] - r[k]).norm()))
+        e = max(float((r[k] - r[k - 1]).norm()), float((r[k + 1] - r[k]).norm())) + floor[k]
         if e < err:
             best, err = r[k], e
     return best, err
@@ -629,20 +641,20 @@ def ggn_form(case: RealCase, u: dict, v: dict, fixed_padding: bool = False):
         return richardson(d)
 
     (ju, eu), (jv, ev) = jac(u), jac(v)
-    d = []
+    # The loss's second difference in output space along unit directions, so that the ladder's
+    # steps are steps in the logits whatever the size of Ju and Jv; the rounding of the four
+    # values of the loss (a few ulps each) bounds each rung's accuracy (see richardson).
+    nu, nv = float(ju.norm()), float(jv.norm())
+    a, b = ju / max(nu, 1e-300), jv / max(nv, 1e-300)
+    loss, ulp = case.loss, float(torch.finfo(z.dtype).eps)
+    d, rounding = [], []
     for k in range(STEPS):
         h = STEP0 / 2**k
-        loss = case.loss
-        d.append(
-            (
-                loss(z + h * ju + h * jv)
-                - loss(z + h * ju - h * jv)
-                - loss(z - h * ju + h * jv)
-                + loss(z - h * ju - h * jv)
-            )
-            / (4 * h * h)
-        )
-    value, err = richardson(d)
+        values = [loss(z + s * h * a + t * h * b) for s, t in ((1, 1), (1, -1), (-1, 1), (-1, -1))]
+        d.append(nu * nv * (values[0] - values[1] - values[2] + values[3]) / (4 * h * h))
+        top = max(float(x.abs()) for x in values)
+        rounding.append(nu * nv * 4 * (4 * ulp * top) / (4 * h * h))  # 4 values, 4 ulps each
+    value, err = richardson(d, rounding)
     # first-order propagation of the Jacobian errors through the bilinear form
     scale = float(value.abs()) / max(float(ju.norm() * jv.norm()), 1e-300)
     return value, err + scale * (eu * float(jv.norm()) + ev * float(ju.norm())) * 4
