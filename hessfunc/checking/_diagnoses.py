@@ -2,9 +2,9 @@
 
 :mod:`hessfunc.checking.check` measures; this module turns the measured errors into the
 message of its ``AssertionError`` / ``CheckReport``. The causes name what can make each check
-fail, including backward formulas that are not the derivative of their forward (pseudo-gradients) and a loss
-computed in a less precise dtype than the parameters, which would otherwise read as a wrong
-derivative.
+fail, including backward formulas that are not the derivative of their forward
+(pseudo-gradients) and a loss computed in a less precise dtype than the parameters, which would
+otherwise read as a wrong derivative.
 """
 
 from __future__ import annotations
