@@ -120,6 +120,29 @@ def test_lower_precision_loss_warns_once_per_call():
     assert "float32" in str(ours[0].message) and ".logits" in str(ours[0].message)
 
 
+def test_lower_precision_model_outputs_warn_in_gauss_newton_and_fisher():
+    """A model that casts its outputs to float32 (float64 parameters): the GGN, Fisher and
+    K-FAC products say so, once per call site, and a float64 model stays quiet."""
+    from hessfunc.losses import MSELoss
+
+    hessfunc._base._checks._WARNED.clear()
+    y = torch.zeros(X.shape[0], W.shape[0], dtype=torch.float32)
+    low = lambda w, x: torch.tanh(x @ w.T).float()  # noqa: E731
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        hessfunc.ggn_vp(low, MSELoss(y), W, W, X)
+        hessfunc.ggn_vp(low, MSELoss(y), W, W, X, mode="rev-rev")
+        hessfunc.fisher_vp(low, MSELoss(y), W, W, X)
+        hessfunc.ggn_vp(lambda w, x: torch.tanh(x @ w.T), MSELoss(y.double()), W, W, X)
+    ours = [w for w in seen if issubclass(w.category, LowPrecisionWarning)]
+    assert [str(w.message).split(":")[0] for w in ours] == [
+        "hessfunc.ggn_vp(model_fn, loss_fn, params, v, *args)",
+        str(ours[1].message).split(":")[0],
+    ]
+    assert ours[1].message.args[0].startswith("hessfunc.fisher_vp(")
+    assert "model_fn returns a torch.float32 output" in str(ours[0].message)
+
+
 def test_lower_precision_check_survives_fullgraph_compile():
     hessfunc._base._checks._WARNED.clear()
     compiled = torch.compile(

@@ -183,26 +183,27 @@ def most_precise(tree: Any) -> torch.dtype | None:
     return best
 
 
-_WARNED: set[tuple[str, str, str]] = set()
+_WARNED: set[tuple[str, str, str, str]] = set()
 
 
-def warn_lower_precision(where: str, out: str, params: str) -> bool:
-    """Warn once per (call, dtypes) per process that ``f`` computes its value in ``out``.
+def warn_lower_precision(where: str, out: str, params: str, what: str = "f returns a") -> bool:
+    """Warn once per (call, dtypes) per process that ``f`` computes its value in ``out``
+    (``what="model_fn returns a"``: the model's outputs are in ``out``).
 
     Marked like ``torch.compiler.assume_constant_result`` (see ``_context``): under
     ``torch.compile`` dynamo runs this body once while tracing instead of putting it into the
     graph, so the warning costs nothing per step and keeps ``fullgraph=True`` working. Its
     arguments are strings built from dtypes, which are static.
     """
-    key = (where, out, params)
+    key = (where, out, params, what)
     if key not in _WARNED:
         _WARNED.add(key)
         warnings.warn(
-            f"{where}: f returns a {out} scalar while params are {params}, so every derivative "
-            f"is only as accurate as {out}. The loss is computed in lower precision (a cast "
-            "such as logits.float(), which transformers' causal-LM losses apply); compute it "
-            f"in {params} yourself (e.g. from the model's .logits) for {params}-accurate "
-            "products.",
+            f"{where}: {what} {out} {'scalar' if what.startswith('f ') else 'output'} while "
+            f"params are {params}, so every derivative is only as accurate as {out}. The "
+            "computation is in lower precision (a cast such as logits.float(), which "
+            "transformers' causal-LM losses apply); compute it in "
+            f"{params} yourself (e.g. from the model's .logits) for {params}-accurate products.",
             LowPrecisionWarning,
             stacklevel=4,
         )

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from . import _checks
+
 Flat = tuple[torch.Tensor, ...]
 
 
@@ -51,7 +53,21 @@ class Flattener:
         self.record: list[tuple[Any, tuple[int, ...], int, int | None]] = []
 
     def call(self, params: Any) -> Flat:
-        out = self.model(params)
+        flat = self._flat(self.model(params))
+        # outputs less precise than the parameters (a model that casts its logits to float32):
+        # every product is then only as accurate as the outputs' dtype. Dtypes only: static
+        # under torch.compile, and the warning is traced once (see _checks.warn_lower_precision).
+        finest = _checks.most_precise(params)
+        if finest is not None:
+            for x in flat:
+                if torch.finfo(x.dtype).eps > torch.finfo(finest).eps:
+                    _checks.warn_lower_precision(
+                        self.where, str(x.dtype), str(finest), "model_fn returns a"
+                    )
+                    break
+        return flat
+
+    def _flat(self, out: Any) -> Flat:
         if isinstance(out, torch.Tensor):
             if not out.is_floating_point():
                 raise TypeError(
