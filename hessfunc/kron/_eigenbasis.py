@@ -78,15 +78,8 @@ class EKFAC(NamedTuple):
         """Per block the eigenvalues :math:`m`, ``(groups, out_features, size)``."""
         return tuple(_kron.normalise_grads(s, self.moments.loss_terms) for s in self.moments.sums)
 
-    @property
-    def covered(self) -> tuple[str, ...]:
-        """Paths of the parameter leaves the blocks cover."""
-        return self.layout.covered
-
-    @property
-    def uncovered(self) -> tuple[tuple[str, str], ...]:
-        """``(path, reason)`` for every leaf no block covers; its curvature is taken as zero."""
-        return self.layout.uncovered
+    covered = _kron.COVERED
+    uncovered = _kron.UNCOVERED
 
     def __repr__(self) -> str:
         return self.layout.describe("EKFAC")

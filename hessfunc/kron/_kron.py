@@ -521,3 +521,19 @@ def add_results(where: str, a: Any, b: Any) -> Any:
             "use one reduction for every batch."
         )
     return _tree.add(a, b)
+
+
+# The properties every Kronecker operator (KFAC, EKFAC) shares, defined once: NamedTuples
+# cannot inherit from a mixin, so the classes bind these.
+def _covered(self: Any) -> tuple[str, ...]:
+    """Paths (as ``hessfunc`` prints them) of the parameter leaves the blocks cover."""
+    return self.layout.covered
+
+
+def _uncovered(self: Any) -> tuple[tuple[str, str], ...]:
+    """``(path, reason)`` for every leaf no block covers; its curvature is taken as zero."""
+    return self.layout.uncovered
+
+
+COVERED = property(_covered)
+UNCOVERED = property(_uncovered)

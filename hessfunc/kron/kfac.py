@@ -84,15 +84,8 @@ class KFAC(NamedTuple):
         r"""Per block the output-gradient factor :math:`G = c \sum g g^\top`."""
         return tuple(_kron.normalise_grads(s, self.loss_terms) for s in self.grad_sums)
 
-    @property
-    def covered(self) -> tuple[str, ...]:
-        """Paths (as ``hessfunc`` prints them) of the parameter leaves the blocks cover."""
-        return self.layout.covered
-
-    @property
-    def uncovered(self) -> tuple[tuple[str, str], ...]:
-        """``(path, reason)`` for every leaf no block covers; its curvature is taken as zero."""
-        return self.layout.uncovered
+    covered = _kron.COVERED
+    uncovered = _kron.UNCOVERED
 
     def __repr__(self) -> str:
         return self.layout.describe("KFAC")
