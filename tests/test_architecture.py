@@ -37,7 +37,7 @@ LAYERS = {
         "hvp", "hessian", "ggn", "fisher", "fd", "module", "losses", "_categorical", "gnb",
     ],  # fmt: skip
     "linalg": ["solvers", "inverse", "lanczos", "estimators", "slq", "blocks", "linop"],
-    "kron": ["_kron", "_layers", "kfac", "ekfac"],
+    "kron": ["_kron", "_layers", "_eigenbasis", "kfac", "ekfac"],
     "checking": ["check", "_diagnoses", "check_compiled", "testing"],
     "top": ["influence", "_influence_solvers", "_influence_kron", "data", "_passes", "distributed"],
 }
@@ -62,9 +62,8 @@ AD_TRANSFORMS = {"grad", "grad_and_value", "vjp", "jvp", "jacrev", "jacfwd", "he
 # lives beside cg in solvers, and takes the Hessian product from hvp by default.
 AD_ALLOWED = {"solvers"}
 LAYER_ALLOWED = {("solvers", "hvp")}
-# kfac's KFAC.eigendecompose returns an EKFAC, and ekfac builds on kfac's factor sums: the
-# import from kfac to ekfac is deferred into the method (and under TYPE_CHECKING).
-CYCLES_ALLOWED = {frozenset({"kfac", "ekfac"})}
+# No cycle is allowed: KFAC.eigendecompose and ekfac both build the EKFAC of _eigenbasis.
+CYCLES_ALLOWED: set[frozenset[str]] = set()
 
 
 def modules():

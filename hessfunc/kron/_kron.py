@@ -466,3 +466,74 @@ def check_invertible(
                 "fewer samples than input features the input factor always is). Pass damping "
                 "> 0, e.g. 1e-3 times the largest eigenvalue."
             )
+
+
+def normalise_grads(s: torch.Tensor, loss_terms: torch.Tensor | None) -> torch.Tensor:
+    return s if loss_terms is None else s / loss_terms.to(s.dtype)
+
+
+def add_results(where: str, a: Any, b: Any) -> Any:
+    """Leafwise sum of two results of one type, layouts and reductions checked first."""
+    if type(b) is not type(a):
+        raise TypeError(f"{where}: other must be a {type(a).__name__}, got {type(b).__name__}.")
+    layout_a = getattr(a, "layout", None)
+    if layout_a is not None and layout_a != b.layout:
+        names_a = [x.names for x in layout_a.blocks]
+        names_b = [x.names for x in b.layout.blocks]
+        if names_a == names_b and layout_a.paths == b.layout.paths:
+            # same names: say what differs (shapes), not two identical lists of names
+            diff = (
+                [
+                    f"{path}: {sa} vs {sb}"
+                    for path, sa, sb in zip(
+                        layout_a.paths, layout_a.shapes, b.layout.shapes, strict=True
+                    )
+                    if sa != sb
+                ]
+                or [
+                    f"{'+'.join(x.names)}: {x} vs {y}"
+                    for x, y in zip(layout_a.blocks, b.layout.blocks, strict=True)
+                    if x != y
+                ]
+                or [f"uncovered {layout_a.uncovered_paths} vs {b.layout.uncovered_paths}"]
+            )
+            raise ValueError(
+                f"{where}: the two results have the same blocks but different layouts "
+                f"({'; '.join(diff)}); build both with the same model_fn, params (shapes) and "
+                "separate_bias."
+            )
+        raise ValueError(
+            f"{where}: the two results cover different blocks ({names_a} vs {names_b}); build "
+            "both with the same model_fn, params and separate_bias."
+        )
+    opt_a, opt_b = getattr(a, "options", None), getattr(b, "options", None)
+    if opt_a is not None and opt_b is not None and opt_a != opt_b:
+        raise ValueError(
+            f"{where}: the two results were built differently ({opt_a.describe()} vs "
+            f"{opt_b.describe()}); their sums estimate different matrices, so adding them "
+            "gives neither. Build every batch with the same fisher= and loss type."
+        )
+    if (opt_a is None) != (opt_b is None):
+        a, b = a._replace(options=opt_a or opt_b), b._replace(options=opt_a or opt_b)
+    if (a.loss_terms is None) != (b.loss_terms is None):
+        raise ValueError(
+            f"{where}: one result comes from a 'mean' loss and the other from a 'sum' loss; "
+            "use one reduction for every batch."
+        )
+    return _tree.add(a, b)
+
+
+# The properties every Kronecker operator (KFAC, EKFAC) shares, defined once: NamedTuples
+# cannot inherit from a mixin, so the classes bind these.
+def _covered(self: Any) -> tuple[str, ...]:
+    """Paths (as ``hessfunc`` prints them) of the parameter leaves the blocks cover."""
+    return self.layout.covered
+
+
+def _uncovered(self: Any) -> tuple[tuple[str, str], ...]:
+    """``(path, reason)`` for every leaf no block covers; its curvature is taken as zero."""
+    return self.layout.uncovered
+
+
+COVERED = property(_covered)
+UNCOVERED = property(_uncovered)

@@ -34,27 +34,20 @@ data exactly; the normalisation happens when the factors are used.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 
-from .._base import _tree
 from .._base._types import PyTree
 from ..losses import Loss
 from . import _kron
+from ._eigenbasis import EKFAC, Moments
 from ._kron import Fisher, Pass
 from ._layers import Layout
-
-if TYPE_CHECKING:
-    from .ekfac import EKFAC
 
 __all__ = ["KFAC", "kfac"]
 
 SolveMethod = Literal["exact", "pi"]
-
-
-def _normalise_grads(s: torch.Tensor, loss_terms: torch.Tensor | None) -> torch.Tensor:
-    return s if loss_terms is None else s / loss_terms.to(s.dtype)
 
 
 class KFAC(NamedTuple):
@@ -89,17 +82,10 @@ class KFAC(NamedTuple):
     @property
     def G(self) -> tuple[torch.Tensor, ...]:  # noqa: N802
         r"""Per block the output-gradient factor :math:`G = c \sum g g^\top`."""
-        return tuple(_normalise_grads(s, self.loss_terms) for s in self.grad_sums)
+        return tuple(_kron.normalise_grads(s, self.loss_terms) for s in self.grad_sums)
 
-    @property
-    def covered(self) -> tuple[str, ...]:
-        """Paths (as ``hessfunc`` prints them) of the parameter leaves the blocks cover."""
-        return self.layout.covered
-
-    @property
-    def uncovered(self) -> tuple[tuple[str, str], ...]:
-        """``(path, reason)`` for every leaf no block covers; its curvature is taken as zero."""
-        return self.layout.uncovered
+    covered = _kron.COVERED
+    uncovered = _kron.UNCOVERED
 
     def __repr__(self) -> str:
         return self.layout.describe("KFAC")
@@ -129,7 +115,7 @@ class KFAC(NamedTuple):
             >>> torch.equal(halves[0].add(halves[1]).dense(), whole.dense())
             True
         """
-        return _add("hessfunc.KFAC.add(other)", self, other)
+        return _kron.add_results("hessfunc.KFAC.add(other)", self, other)
 
     def matvec(self, v: PyTree) -> PyTree:
         r"""The product :math:`K v`, a pytree like ``v`` (zero on uncovered leaves).
@@ -290,8 +276,6 @@ class KFAC(NamedTuple):
             >>> torch.allclose(K.eigendecompose().dense(), K.dense())
             True
         """
-        from .ekfac import EKFAC, Moments
-
         qas, qgs, sums = [], [], []
         for a, gs in zip(self.A, self.grad_sums, strict=True):
             la, qa = torch.linalg.eigh(a)
@@ -301,57 +285,6 @@ class KFAC(NamedTuple):
             sums.append(lg.unsqueeze(-1) * la.unsqueeze(-2))
         moments = Moments(tuple(sums), self.loss_terms, self.options)
         return EKFAC(tuple(qas), tuple(qgs), moments, self.layout)
-
-
-def _add(where: str, a: Any, b: Any) -> Any:
-    """Leafwise sum of two results of one type, layouts and reductions checked first."""
-    if type(b) is not type(a):
-        raise TypeError(f"{where}: other must be a {type(a).__name__}, got {type(b).__name__}.")
-    layout_a = getattr(a, "layout", None)
-    if layout_a is not None and layout_a != b.layout:
-        names_a = [x.names for x in layout_a.blocks]
-        names_b = [x.names for x in b.layout.blocks]
-        if names_a == names_b and layout_a.paths == b.layout.paths:
-            # same names: say what differs (shapes), not two identical lists of names
-            diff = (
-                [
-                    f"{path}: {sa} vs {sb}"
-                    for path, sa, sb in zip(
-                        layout_a.paths, layout_a.shapes, b.layout.shapes, strict=True
-                    )
-                    if sa != sb
-                ]
-                or [
-                    f"{'+'.join(x.names)}: {x} vs {y}"
-                    for x, y in zip(layout_a.blocks, b.layout.blocks, strict=True)
-                    if x != y
-                ]
-                or [f"uncovered {layout_a.uncovered_paths} vs {b.layout.uncovered_paths}"]
-            )
-            raise ValueError(
-                f"{where}: the two results have the same blocks but different layouts "
-                f"({'; '.join(diff)}); build both with the same model_fn, params (shapes) and "
-                "separate_bias."
-            )
-        raise ValueError(
-            f"{where}: the two results cover different blocks ({names_a} vs {names_b}); build "
-            "both with the same model_fn, params and separate_bias."
-        )
-    opt_a, opt_b = getattr(a, "options", None), getattr(b, "options", None)
-    if opt_a is not None and opt_b is not None and opt_a != opt_b:
-        raise ValueError(
-            f"{where}: the two results were built differently ({opt_a.describe()} vs "
-            f"{opt_b.describe()}); their sums estimate different matrices, so adding them "
-            "gives neither. Build every batch with the same fisher= and loss type."
-        )
-    if (opt_a is None) != (opt_b is None):
-        a, b = a._replace(options=opt_a or opt_b), b._replace(options=opt_a or opt_b)
-    if (a.loss_terms is None) != (b.loss_terms is None):
-        raise ValueError(
-            f"{where}: one result comes from a 'mean' loss and the other from a 'sum' loss; "
-            "use one reduction for every batch."
-        )
-    return _tree.add(a, b)
 
 
 def factor_sums(p: Pass, keep: bool = False) -> tuple[KFAC, list | None]:
