@@ -122,7 +122,7 @@ def pytrees(
 
     Example:
         >>> from hypothesis import given
-        >>> from hessfunc import _tree
+        >>> from hessfunc._base import _tree
         >>> @given(pytrees(max_leaves=3))
         ... def test(tree):
         ...     assert 1 <= len(_tree.tree_leaves(tree)) <= 3

@@ -103,7 +103,7 @@ def check_contract(fn):
 def test_every_estimator_is_covered():
     covered = set(cheap(*inputs(0))) | set(unrolled(*inputs(0)))
     # import_module: hessfunc.slq is the function, which shadows the module of that name
-    modules = ("estimators", "lanczos", "slq", "blocks")
+    modules = ("linalg.estimators", "linalg.lanczos", "linalg.slq", "linalg.blocks")
     names = [n for m in modules for n in importlib.import_module(f"hessfunc.{m}").__all__]
     assert covered == {n for n in names if n[0].islower()} - EAGER_HELPERS
 
