@@ -31,8 +31,8 @@ calls here):
 ``F.embedding_bag`` already leaves the padding entries out of its forward reduction, so its
 zero gradient for them is the true derivative. Its kernel has no second derivatives at all
 (neither forward-mode AD nor a double backward), so ``"sum"`` and ``"mean"`` bags are computed
-by a lookup and an ``index_add`` instead (:func:`_bag_sum_or_mean`); ``"max"`` keeps the kernel,
-and a second-order product through it is refused with hessfunc's error for a missing
+by a lookup and a membership-matrix product instead (:func:`_bag_sum_or_mean`); ``"max"`` keeps
+the kernel, and a second-order product through it is refused with hessfunc's error for a missing
 derivative.
 """
 
@@ -140,7 +140,7 @@ def _bag_sum_or_mean(
     include_last_offset: bool,
     padding_idx: int | None,
 ) -> torch.Tensor:
-    """A bag reduction in plain lookup and ``index_add``, which have derivatives of every order.
+    """A bag reduction in plain lookup and a matrix product, which have derivatives of every order.
 
     torch's ``embedding_bag`` kernel has neither forward-mode AD nor a double backward (torch
     2.13), so no second-order product could go through ``nn.EmbeddingBag``. Entries equal to
@@ -159,9 +159,14 @@ def _bag_sum_or_mean(
         keep = keep * (position < offsets[-1]).to(weight.dtype)
     scale = keep if per_sample_weights is None else keep * per_sample_weights
     bag = bag.clamp(0, max(bags - 1, 0))
-    out = weight.new_zeros((bags, weight.shape[1])).index_add(0, bag, rows * scale[:, None])
+    # Which entry goes to which bag, as a (bags, entries) matrix, and the reduction as a matrix
+    # product: forward-over-reverse through index_add (a scatter) compiled by inductor came out
+    # 10-20% wrong on torch 2.13 CPU (the compile zoo's padded_embeddings, ggn_vp fwd-rev), where
+    # a product is right. Memory: bags x entries, the size of the index tensor times the bags.
+    member = (bag[None, :] == torch.arange(bags, device=bag.device)[:, None]).to(weight.dtype)
+    out = (member * scale) @ rows
     if mean:
-        count = weight.new_zeros(bags).index_add(0, bag, keep)
+        count = member @ keep
         out = out / count.clamp(min=1)[:, None]
     return out
 
