@@ -194,6 +194,42 @@ class TiedEmbedding(nn.Module):
         return self.out(torch.tanh(self.mix(self.emb(tokens)))).reshape(-1, self.out.out_features)
 
 
+class PaddedEmbeddings(nn.Module):
+    """A token model whose padding rows reach the loss: ``nn.Embedding(padding_idx=0)`` pooled
+    over every position, and an ``nn.EmbeddingBag`` (mean) of each sequence with the same
+    padding id (the padding row is held constant, and the bag is routed through a lookup)."""
+
+    def __init__(self, vocab: int = 7) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, D, padding_idx=0)
+        self.bag = nn.EmbeddingBag(vocab, D, mode="mean", padding_idx=0)
+        with torch.no_grad():  # a non-zero padding row, as after loading other weights
+            self.emb.weight[0].normal_()
+        self.mix = nn.Linear(D, D)
+        self.out = nn.Linear(D, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.emb(tokens)
+        h = h + h.mean(1, keepdim=True) + self.bag(tokens).unsqueeze(1)
+        return self.out(torch.tanh(self.mix(h))).reshape(-1, self.out.out_features)
+
+
+class StoredInOut(nn.Module):
+    """Weights stored ``(in, out)`` and applied as ``torch.addmm(b, x, W)`` (GPT-2's ``Conv1D``)
+    and as ``x @ W``: layers K-FAC finds by the weight's place in the product."""
+
+    def __init__(self, hidden: int = 12) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(0.4 * torch.randn(D, hidden))
+        self.b1 = nn.Parameter(0.1 * torch.randn(hidden))
+        self.w2 = nn.Parameter(0.4 * torch.randn(hidden, D))
+        self.head = nn.Linear(D, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.addmm(self.b1, x.reshape(-1, D), self.w1).reshape(*x.shape[:-1], -1)
+        return self.head((torch.tanh(h) @ self.w2).mean(1))
+
+
 class Parametrised(nn.Module):
     """A linear layer under ``weight_norm`` or ``spectral_norm`` (the parametrisation API)."""
 
@@ -265,6 +301,9 @@ ARCHS: dict[str, Arch] = {
     "swiglu": Arch(SwiGLU),
     "mixture_of_experts": Arch(MixtureOfExperts),
     "tied_embedding": Arch(TiedEmbedding, "tokens"),
+    # rows of the outputs depend on the whole sequence (pooling): not one sample per row
+    "padded_embeddings": Arch(PaddedEmbeddings, "tokens", per_sample=False),
+    "stored_in_out": Arch(StoredInOut),
     "weight_norm": Arch(lambda: Parametrised("weight_norm")),
     "spectral_norm": Arch(lambda: Parametrised("spectral_norm")),
     "residual_stack": Arch(ResidualStack),
