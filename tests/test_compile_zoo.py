@@ -308,6 +308,17 @@ def products(apply, per_sample: bool, float_inputs: bool, dtype, classes: int = 
             ),
             "exact",
         )
+        # a K-FAC Laplace posterior fitted and its evidence, in one graph
+        out["laplace[kfac]"] = (
+            lambda p, v, w, x, y: (
+                hessfunc.laplace.fit(
+                    lambda q, x, *rest: apply(q, x), ce, p, [(x, y)], structure="kfac"
+                )
+                .log_marginal_likelihood()
+                .estimate
+            ),
+            "exact",
+        )
         out["optim.hessian_free"] = (
             lambda p, v, w, x, y: hessfunc.optim.hessian_free(model_xy, ce, maxiter=2).step(
                 p, hessfunc.optim.hessian_free(model_xy, ce).init(p), x, y
