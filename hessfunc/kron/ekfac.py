@@ -31,6 +31,7 @@ from ..losses import Loss
 from . import _kron
 from ._eigenbasis import EKFAC, Moments
 from ._kron import Fisher
+from ._layers import samples_positions
 from .kfac import KFAC, factor_sums
 
 __all__ = ["EKFAC", "Moments", "ekfac"]
@@ -132,11 +133,12 @@ def ekfac(
         where, model_fn, loss_fn, params, args, fisher=fisher, generator=generator, noise=noise,
         mc_samples=mc_samples, separate_bias=separate_bias, chunk_size=chunk_size,
     )  # fmt: skip
-    for block, calls in zip(p.layout.blocks, p.inputs, strict=True):
-        for a in calls:
-            if a.shape[0] != p.rows:
+    for block, calls in zip(p.layout.blocks, p.calls, strict=True):
+        for c in calls:
+            n = samples_positions(c)[0]
+            if n != p.rows:
                 raise ValueError(
-                    f"{where}: the input of {'+'.join(block.names)} has {a.shape[0]} samples on "
+                    f"{where}: the input of {'+'.join(block.names)} has {n} samples on "
                     f"axis 0 but the outputs have {p.rows} rows; per-sample gradients need the "
                     "samples on axis 0 of every layer input, as in the outputs. Keep a sample "
                     "axis in the outputs (loss terms per sample), or use hessfunc.kfac."
@@ -153,13 +155,17 @@ def ekfac(
             f"call finds {[b.names for b in p.layout.blocks]}; build the basis with the same "
             "model_fn, params and separate_bias."
         )
-    sums: list[Any] = [0] * len(p.inputs)
+    inputs = [_kron.block_inputs_of(p, i) for i in range(len(p.calls))]
+    inputs = [torch.cat(a, 1) if len(a) > 1 else a[0] for a in inputs]
+    sums: list[Any] = [0] * len(inputs)
     for chunk in range(p.chunks):
         gs = kept[0] if kept is not None else p.grads(chunk)
-        for i, (inputs, grads) in enumerate(zip(p.inputs, gs, strict=True)):
-            a = torch.cat(inputs, 1) if len(inputs) > 1 else inputs[0]
+        for i, (a, grads) in enumerate(zip(inputs, gs, strict=True)):
             g = torch.cat(grads, 2) if len(grads) > 1 else grads[0]
             sums[i] = sums[i] + _moments(a, g, basis.input_bases[i], basis.grad_bases[i])
+        del gs
+    kept = None
+    p.release()
     sums = [s * p.weight if p.weight != 1.0 else s for s in sums]
     moments = Moments(tuple(sums), p.loss_terms, _kron.options(fisher, loss_fn))
     return basis._replace(moments=moments)
