@@ -87,7 +87,7 @@ def check(
 
 # Bytes of output gradients one vectorised pull-back may hold when ``chunk_size`` is None, and
 # of unfolded layer inputs one step of the input sums may hold (at least one column, one sample).
-CHUNK_BYTES = 1 << 21
+CHUNK_BYTES = 1 << 22
 
 
 class Pass(NamedTuple):
@@ -276,7 +276,10 @@ def collect(
 
     def grads(i: int) -> tuple[tuple[torch.Tensor, ...], ...]:
         a, b = bounds[i]
-        per_call = vmap(pullback)(make(a, b))[0]
+        if b - a == 1:  # one column: a plain pull-back, without vmap's batching rules
+            per_call = [g.unsqueeze(0) for g in pullback(make(a, b)[0])[0]]
+        else:
+            per_call = vmap(pullback)(make(a, b))[0]
         return tuple(
             tuple(block_grads(block, calls[c], per_call[c]) for c in ks)
             for block, ks in zip(layout.blocks, block_calls, strict=True)
@@ -315,35 +318,45 @@ def _count(call: Call, mask: torch.Tensor | None) -> torch.Tensor:
     return (mask != 0).sum()
 
 
-def _input_chunks(
-    block: Block, call: Call, mask: torch.Tensor | None, rows: int | None
-) -> list[torch.Tensor]:
-    """The block's inputs in one call, ``(n, P, groups, size)`` per chunk of ``rows`` samples.
+def _input_chunks(call: Call, rows: int | None) -> list[tuple[int, int]]:
+    """Sample ranges ``[a, b)`` of one call's input, ``rows`` samples each (None: one range)."""
+    n, _ = samples_positions(call)
+    shape = call.out_shape
+    batched = len(shape) >= 2 if call.dims == 0 else len(shape) == call.dims + 2
+    step = n if rows is None or not batched else max(1, min(rows, n))
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
+
+
+def _input_chunk(
+    block: Block, call: Call, mask: torch.Tensor | None, a: int, b: int
+) -> torch.Tensor:
+    """The block's inputs of samples ``a..b-1`` in one call, ``(b - a, P, groups, size)``.
 
     Rows of ignored loss rows (``ignore_index``) are zero, where the layer's ``N * P`` rows are
     the loss's rows (per-token layers of a language model whose logits are flattened to
-    ``(B T, V)``); elsewhere every row counts. ``rows=None``: one chunk.
+    ``(B T, V)``); elsewhere every row counts.
     """
     n, p = samples_positions(call)
-    shape = call.out_shape
-    batched = len(shape) >= 2 if call.dims == 0 else len(shape) == call.dims + 2
-    m = mask.reshape(n, p) if _aligned(n, p, mask) else None
-    step = n if rows is None or not batched else max(1, min(rows, n))
-    out = []
-    for a in range(0, n, step):
-        b = min(a + step, n)
-        part = call if step == n else call._replace(x=call.x[a:b], out_shape=(b - a, *shape[1:]))
-        x = block_inputs(block, part)
-        if m is not None:
-            x = x * m[a:b].reshape(b - a, p, 1, 1).to(x.dtype)
-        out.append(x)
-    return out
+    part = call if (a, b) == (0, n) else call._replace(
+        x=call.x[a:b], out_shape=(b - a, *call.out_shape[1:])
+    )  # fmt: skip
+    x = block_inputs(block, part)
+    if not _aligned(n, p, mask):
+        return x
+    m = mask.reshape(n, p)[a:b].reshape(b - a, p, 1, 1).to(x.dtype)
+    if call.dims > 0 or block.bias is not None:  # a new tensor (patches or a concatenation)
+        return x.mul_(m)
+    return x * m  # a view of the layer's input: not overwritten
 
 
 def block_inputs_of(p: Pass, i: int) -> tuple[torch.Tensor, ...]:
     """Block ``i``'s inputs, per call ``(N, P, groups, size)`` (ignored rows zero)."""
     block = p.layout.blocks[i]
-    return tuple(_input_chunks(block, c, p.mask, None)[0] for c in p.calls[i])
+    out = []
+    for c in p.calls[i]:
+        n, _ = samples_positions(c)
+        out.append(_input_chunk(block, c, p.mask, 0, n))
+    return tuple(out)
 
 
 def _gram_into(acc: torch.Tensor, v: torch.Tensor) -> None:
@@ -373,8 +386,8 @@ def input_sums(p: Pass) -> tuple[torch.Tensor, ...]:
             if c.dims > 0 or block.bias is not None or _aligned(n, positions, p.mask):
                 per_sample = positions * block.groups * block.size * _itemsize(ref.dtype)
                 rows = max(1, CHUNK_BYTES // max(per_sample, 1))
-            for a in _input_chunks(block, c, p.mask, rows):
-                _gram_into(acc, a)
+            for a, b in _input_chunks(c, rows):
+                _gram_into(acc, _input_chunk(block, c, p.mask, a, b))
         sums.append(acc)
     return tuple(sums)
 

@@ -369,7 +369,7 @@ def kfac(
         mc_samples: targets drawn per sample (``"mc"`` only).
         separate_bias: give each bias its own block instead of folding it into its weight's.
         chunk_size: output-space columns pulled back per vectorised pass (``None``: as many
-            as fit 2 MiB of output gradients, at least one; an int ``>= K`` pulls back all
+            as fit 4 MiB of output gradients, at least one; an int ``>= K`` pulls back all
             columns at once).
 
     Returns:
