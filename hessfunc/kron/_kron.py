@@ -32,9 +32,8 @@ from torch.func import vjp, vmap
 from .._base import _checks, _context, _memory, _outputs, _tree
 from .._base._types import PyTree
 from ..losses import CrossEntropyLoss, GaussianNLLLoss, Loss, NLLLoss, _ElementwiseLoss
-from ._layers import (
-    SUPPORTED, Block, Call, Layout, Recorder, block_grads, block_inputs, plan, samples_positions,
-)  # fmt: skip
+from . import _layers
+from ._layers import SUPPORTED, Block, Call, Layout, Recorder, block_grads, block_inputs, plan
 
 Fisher = Literal["type-2", "mc", "empirical"]
 FISHERS = ("type-2", "mc", "empirical")
@@ -312,7 +311,7 @@ def _aligned(n: int, p: int, mask: torch.Tensor | None) -> bool:
 
 
 def _count(call: Call, mask: torch.Tensor | None) -> torch.Tensor:
-    n, p = samples_positions(call)
+    n, p = _layers.samples_positions(call)
     if not _aligned(n, p, mask):
         return torch.tensor(n * p, device=call.x.device)
     return (mask != 0).sum()
@@ -320,7 +319,7 @@ def _count(call: Call, mask: torch.Tensor | None) -> torch.Tensor:
 
 def _input_chunks(call: Call, rows: int | None) -> list[tuple[int, int]]:
     """Sample ranges ``[a, b)`` of one call's input, ``rows`` samples each (None: one range)."""
-    n, _ = samples_positions(call)
+    n, _ = _layers.samples_positions(call)
     shape = call.out_shape
     batched = len(shape) >= 2 if call.dims == 0 else len(shape) == call.dims + 2
     step = n if rows is None or not batched else max(1, min(rows, n))
@@ -336,7 +335,7 @@ def _input_chunk(
     the loss's rows (per-token layers of a language model whose logits are flattened to
     ``(B T, V)``); elsewhere every row counts.
     """
-    n, p = samples_positions(call)
+    n, p = _layers.samples_positions(call)
     part = call if (a, b) == (0, n) else call._replace(
         x=call.x[a:b], out_shape=(b - a, *call.out_shape[1:])
     )  # fmt: skip
@@ -354,7 +353,7 @@ def block_inputs_of(p: Pass, i: int) -> tuple[torch.Tensor, ...]:
     block = p.layout.blocks[i]
     out = []
     for c in p.calls[i]:
-        n, _ = samples_positions(c)
+        n, _ = _layers.samples_positions(c)
         out.append(_input_chunk(block, c, p.mask, 0, n))
     return tuple(out)
 
@@ -381,7 +380,7 @@ def input_sums(p: Pass) -> tuple[torch.Tensor, ...]:
         ref = calls[0].x
         acc = torch.zeros(block.groups, block.size, block.size, dtype=ref.dtype, device=ref.device)
         for c in calls:
-            n, positions = samples_positions(c)
+            n, positions = _layers.samples_positions(c)
             rows = None  # a linear layer's own input, as a view: nothing to bound
             if c.dims > 0 or block.bias is not None or _aligned(n, positions, p.mask):
                 per_sample = positions * block.groups * block.size * _itemsize(ref.dtype)
