@@ -93,7 +93,8 @@ def ekfac(
         noise: for ``"mc"``: uniform draws ``(mc_samples, *loss_fn.noise_shape(outputs))``.
         mc_samples: targets drawn per sample (``"mc"`` only).
         separate_bias: give each bias its own block.
-        chunk_size: output-space columns pulled back per vectorised pass (``None``: all).
+        chunk_size: output-space columns pulled back per vectorised pass (``None``: as many
+            as fit 4 MiB of output gradients, at least one; see :func:`hessfunc.kfac`).
         basis: a ``KFAC`` or ``EKFAC`` with the same layout whose eigenbasis to use.
 
     Returns:
@@ -102,9 +103,10 @@ def ekfac(
 
     Cost:
         As :func:`hessfunc.kfac` plus two eigendecompositions per block (none with an
-        ``EKFAC`` basis) and the projected per-sample gradients (see ``_moments``); with
-        ``chunk_size`` smaller than the number of columns and no ``basis``, the backward passes
-        run twice (once for the factors, once for the moments).
+        ``EKFAC`` basis) and the projected per-sample gradients (see ``_moments``); when the
+        columns take more than one chunk and no ``basis`` is given, the backward passes run
+        twice (once for the factors, once for the moments). Memory: as :func:`hessfunc.kfac`,
+        plus every layer's unfolded inputs for the moments.
 
     Example:
         On one linear layer with summed squared error EK-FAC, like K-FAC, is the GGN itself:

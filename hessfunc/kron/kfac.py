@@ -381,8 +381,11 @@ def kfac(
         Two forward passes of ``model_fn`` (one finds the layers; under ``torch.compile``
         its unused work is dropped) and ``K`` backward passes in ``ceil(K / chunk_size)``
         vectorised pulls, ``K`` the number of columns; then per block
-        :math:`O(M d^2 + K M o^2)` for the factors. Memory: the layers' inputs, ``chunk_size``
-        sets of output gradients, and :math:`O(d^2 + o^2)` per block.
+        :math:`O(M d^2 + K M o^2)` for the factors. Memory: while the columns are pulled
+        back, the forward pass's saved tensors and one chunk of output gradients (their sums
+        are formed as each chunk arrives); then, with the forward pass freed, the layers'
+        inputs and a few samples' unfolded patches (at most 4 MiB); throughout,
+        :math:`O(d^2 + o^2)` per block for the factors themselves.
 
     Example:
         One linear layer with summed squared error: K-FAC is the GGN itself.
