@@ -37,15 +37,15 @@ from .kfac import KFAC, factor_sums
 __all__ = ["EKFAC", "Moments", "ekfac"]
 
 
-def _moments(a: torch.Tensor, g: torch.Tensor, qa: torch.Tensor, qg: torch.Tensor) -> torch.Tensor:
+def _moments(at: torch.Tensor, g: torch.Tensor, qg: torch.Tensor) -> torch.Tensor:
     """``sum_{k, n} (qg^T (sum_p g a^T) qa)^2`` per group, ``(groups, out, size)``.
 
-    ``a``: ``(N, P, groups, size)``; ``g``: ``(k, N, P, groups, out)``. Either the per-sample
+    ``at``: the inputs in their eigenbasis, ``a @ qa``, ``(N, P, groups, size)`` (projected once
+    for every chunk of columns); ``g``: ``(k, N, P, groups, out)``. Either the per-sample
     gradients are formed (memory ``k N o d``) or their squares are expanded over pairs of
     positions (memory ``N P^2 (o + d)``), whichever is smaller; without weight sharing
     (``P = 1``) the latter is two element-wise squares and one matrix product.
     """
-    at = torch.einsum("npgi,gij->npgj", a, qa)
     gt = torch.einsum("knpgi,gij->knpgj", g, qg)
     k, n, p, groups, o = gt.shape
     d = at.shape[-1]
@@ -157,14 +157,18 @@ def ekfac(
             f"call finds {[b.names for b in p.layout.blocks]}; build the basis with the same "
             "model_fn, params and separate_bias."
         )
-    inputs = [_kron.block_inputs_of(p, i) for i in range(len(p.calls))]
-    inputs = [torch.cat(a, 1) if len(a) > 1 else a[0] for a in inputs]
-    sums: list[Any] = [0] * len(inputs)
+    projected = []
+    for i in range(len(p.calls)):
+        a = _kron.block_inputs_of(p, i)
+        a = torch.cat(a, 1) if len(a) > 1 else a[0]
+        projected.append(torch.einsum("npgi,gij->npgj", a, basis.input_bases[i]))
+        del a
+    sums: list[Any] = [0] * len(projected)
     for chunk in range(p.chunks):
         gs = kept[0] if kept is not None else p.grads(chunk)
-        for i, (a, grads) in enumerate(zip(inputs, gs, strict=True)):
+        for i, (at, grads) in enumerate(zip(projected, gs, strict=True)):
             g = torch.cat(grads, 2) if len(grads) > 1 else grads[0]
-            sums[i] = sums[i] + _moments(a, g, basis.input_bases[i], basis.grad_bases[i])
+            sums[i] = sums[i] + _moments(at, g, basis.grad_bases[i])
         del gs
     kept = None
     p.release()
