@@ -21,6 +21,7 @@ Block-wise products over parameter pytrees (:func:`blockwise`) and the dense ass
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
@@ -31,6 +32,7 @@ from torch.func import vjp, vmap
 from .._base import _checks, _context, _memory, _outputs, _tree
 from .._base._types import PyTree
 from ..losses import CrossEntropyLoss, GaussianNLLLoss, Loss, NLLLoss, _ElementwiseLoss
+from . import _layers
 from ._layers import SUPPORTED, Block, Call, Layout, Recorder, block_grads, block_inputs, plan
 
 Fisher = Literal["type-2", "mc", "empirical"]
@@ -82,15 +84,28 @@ def check(
     _checks.check_params(where, params)
 
 
+# Bytes of output gradients one vectorised pull-back may hold when ``chunk_size`` is None, and
+# of unfolded layer inputs one step of the input sums may hold (at least one column, one sample).
+CHUNK_BYTES = 1 << 22
+
+
 class Pass(NamedTuple):
-    """One batch seen through the model: each block's inputs and, per chunk, its gradients."""
+    """One batch seen through the model: each block's calls and, per chunk, its gradients.
+
+    The layer inputs are kept as the model produced them (a convolution's input, not its
+    patches); :func:`input_sums` and :func:`block_inputs_of` unfold them when asked.
+    """
 
     layout: Layout
-    inputs: tuple[tuple[torch.Tensor, ...], ...]
-    """Per block, per call: ``(N, P, groups, size)``."""
+    calls: tuple[tuple[Call, ...], ...]
+    """Per block its calls, each holding the layer's input ``x``."""
+    mask: torch.Tensor | None
+    """The loss's row mask (ignored rows are zero), or None when every row counts."""
     chunks: int
     grads: Callable[[int], tuple[tuple[torch.Tensor, ...], ...]]
     """Chunk -> per block, per call: ``(k, N, P, groups, out_features)``."""
+    release: Callable[[], None]
+    """Drop the forward pass's saved tensors; ``grads`` cannot be called afterwards."""
     weight: float
     """Weight of every column (``1 / mc_samples`` for ``"mc"``, else 1)."""
     loss_terms: torch.Tensor | None
@@ -217,7 +232,12 @@ def collect(
             f"model_fn, so there is nothing to factor ({reasons}). Kronecker factors exist for "
             "parameters that enter model_fn as layer weights; use hessfunc.ggn_vp for others."
         )
-    probes = [torch.zeros(c.out_shape, dtype=c.x.dtype, device=c.x.device) for c in calls]
+    # The probes are zeros broadcast from one element: their gradients are what the pull-backs
+    # return, and nothing of their own size is allocated.
+    probes = [
+        torch.zeros((), dtype=c.x.dtype, device=c.x.device).expand(c.out_shape) for c in calls
+    ]
+    calls = [c._replace(x=None) for c in calls]  # the first run's inputs are not needed again
 
     flat = _outputs.Flattener(where, lambda p: model_fn(p, *args))
 
@@ -240,18 +260,25 @@ def collect(
             f"{where}: model_fn must return one tensor of outputs (samples along axis 0), or a "
             f"container whose 'logits' entry is that tensor; got {type(out).__name__}."
         )
+    # the pull-back holds the forward pass's saved tensors: kept in a list that `release`
+    # empties, so they are freed once the gradients are summed
+    held = [pull_full]
+    del pull_full
 
     def pullback(c: torch.Tensor) -> Any:
-        return pull_full(embed(c))
+        return held[0](embed(c))
 
     calls = [c._replace(x=x) for c, x in zip(calls, xs, strict=True)]
     k, weight, make = _columns(where, loss, out, fisher, generator, noise, mc_samples)
-    step = k if chunk_size is None else min(chunk_size, k)
+    step = default_chunk(k, calls, out.dtype) if chunk_size is None else min(chunk_size, k)
     bounds = [(a, min(a + step, k)) for a in range(0, k, step)]
 
     def grads(i: int) -> tuple[tuple[torch.Tensor, ...], ...]:
         a, b = bounds[i]
-        per_call = vmap(pullback)(make(a, b))[0]
+        if b - a == 1:  # one column: a plain pull-back, without vmap's batching rules
+            per_call = [g.unsqueeze(0) for g in pullback(make(a, b)[0])[0]]
+        else:
+            per_call = vmap(pullback)(make(a, b))[0]
         return tuple(
             tuple(block_grads(block, calls[c], per_call[c]) for c in ks)
             for block, ks in zip(layout.blocks, block_calls, strict=True)
@@ -259,34 +286,116 @@ def collect(
 
     rows = out.shape[0] if out.dim() > 0 else 1
     mask = loss._row_mask(out)
-    inputs = tuple(
-        tuple(_masked(block_inputs(block, calls[c]), mask) for c in ks)
-        for block, ks in zip(layout.blocks, block_calls, strict=True)
-    )
-    positions = tuple(sum(_count(a, mask) for a in block_ins) for block_ins in inputs)
-    return Pass(layout, inputs, len(bounds), grads, weight, _loss_terms(loss, out), rows, positions)
+    per_block = tuple(tuple(calls[c] for c in ks) for ks in block_calls)
+    positions = tuple(sum(_count(c, mask) for c in cs) for cs in per_block)
+    return Pass(
+        layout, per_block, mask, len(bounds), grads, held.clear, weight, _loss_terms(loss, out),
+        rows, positions,
+    )  # fmt: skip
 
 
-def _aligned(a: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    """Whether a block input's ``N * P`` rows are the loss's rows (one token each)."""
-    return mask is not None and a.shape[0] * a.shape[1] == mask.shape[0]
+def default_chunk(k: int, calls: list[Call], dtype: torch.dtype) -> int:
+    """Columns per pull-back when ``chunk_size`` is None: their output gradients fit
+    :data:`CHUNK_BYTES` (at least one column, at most all ``k``)."""
+    per_column = sum(math.prod(c.out_shape) for c in calls) * _itemsize(dtype)
+    return max(1, min(k, CHUNK_BYTES // max(per_column, 1)))
 
 
-def _masked(a: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Zero the input rows of ignored loss rows (``ignore_index``): padding is not data.
-
-    Only where the layer's ``N * P`` rows are the loss's rows (per-token layers of a language
-    model whose logits are flattened to ``(B T, V)``); elsewhere every row counts.
-    """
-    if not _aligned(a, mask):
-        return a
-    return a * mask.reshape(a.shape[0], a.shape[1], 1, 1).to(a.dtype)
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
-def _count(a: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    if not _aligned(a, mask):
-        return torch.tensor(a.shape[0] * a.shape[1], device=a.device)
+def _aligned(n: int, p: int, mask: torch.Tensor | None) -> bool:
+    """Whether a layer's ``N * P`` input rows are the loss's rows (one token each)."""
+    return mask is not None and n * p == mask.shape[0]
+
+
+def _count(call: Call, mask: torch.Tensor | None) -> torch.Tensor:
+    n, p = _layers.samples_positions(call)
+    if not _aligned(n, p, mask):
+        return torch.tensor(n * p, device=call.x.device)
     return (mask != 0).sum()
+
+
+def _input_chunks(call: Call, rows: int | None) -> list[tuple[int, int]]:
+    """Sample ranges ``[a, b)`` of one call's input, ``rows`` samples each (None: one range)."""
+    n, _ = _layers.samples_positions(call)
+    shape = call.out_shape
+    batched = len(shape) >= 2 if call.dims == 0 else len(shape) == call.dims + 2
+    step = n if rows is None or not batched else max(1, min(rows, n))
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
+
+
+def _input_chunk(
+    block: Block, call: Call, mask: torch.Tensor | None, a: int, b: int
+) -> torch.Tensor:
+    """The block's inputs of samples ``a..b-1`` in one call, ``(b - a, P, groups, size)``.
+
+    Rows of ignored loss rows (``ignore_index``) are zero, where the layer's ``N * P`` rows are
+    the loss's rows (per-token layers of a language model whose logits are flattened to
+    ``(B T, V)``); elsewhere every row counts.
+    """
+    n, p = _layers.samples_positions(call)
+    part = call if (a, b) == (0, n) else call._replace(
+        x=call.x[a:b], out_shape=(b - a, *call.out_shape[1:])
+    )  # fmt: skip
+    x = block_inputs(block, part)
+    if not _aligned(n, p, mask):
+        return x
+    m = mask.reshape(n, p)[a:b].reshape(b - a, p, 1, 1).to(x.dtype)
+    if call.dims > 0 or block.bias is not None:  # a new tensor (patches or a concatenation)
+        return x.mul_(m)
+    return x * m  # a view of the layer's input: not overwritten
+
+
+def block_inputs_of(p: Pass, i: int) -> tuple[torch.Tensor, ...]:
+    """Block ``i``'s inputs, per call ``(N, P, groups, size)`` (ignored rows zero)."""
+    block = p.layout.blocks[i]
+    out = []
+    for c in p.calls[i]:
+        n, _ = _layers.samples_positions(c)
+        out.append(_input_chunk(block, c, p.mask, 0, n))
+    return tuple(out)
+
+
+def _gram_into(acc: torch.Tensor, v: torch.Tensor) -> None:
+    r"""``acc += \sum v v^T`` over every axis but the last two of ``v`` (``(..., groups, m)``).
+
+    Accumulated in place: no ``(groups, m, m)`` temporary. A view when ``v`` is contiguous;
+    otherwise (a convolution's gradients or patches) one copy of ``v``.
+    """
+    groups, m = v.shape[-2], v.shape[-1]
+    flat = v.reshape(-1, groups, m).permute(1, 2, 0)  # (groups, m, rows)
+    acc.baddbmm_(flat, flat.mT)
+
+
+def input_sums(p: Pass) -> tuple[torch.Tensor, ...]:
+    r"""Per block :math:`\sum a a^\top`, ``(groups, size, size)``, unfolding a chunk at a time.
+
+    A chunk holds as many samples as fit :data:`CHUNK_BYTES` of unfolded inputs (at least one),
+    so a convolution's patches are never formed for the whole batch at once.
+    """
+    sums = []
+    for block, calls in zip(p.layout.blocks, p.calls, strict=True):
+        ref = calls[0].x
+        acc = torch.zeros(block.groups, block.size, block.size, dtype=ref.dtype, device=ref.device)
+        for c in calls:
+            n, positions = _layers.samples_positions(c)
+            rows = None  # a linear layer's own input, as a view: nothing to bound
+            if c.dims > 0 or block.bias is not None or _aligned(n, positions, p.mask):
+                per_sample = positions * block.groups * block.size * _itemsize(ref.dtype)
+                rows = max(1, CHUNK_BYTES // max(per_sample, 1))
+            for a, b in _input_chunks(c, rows):
+                _gram_into(acc, _input_chunk(block, c, p.mask, a, b))
+        sums.append(acc)
+    return tuple(sums)
+
+
+def grad_sums_into(sums: list[torch.Tensor], grads: tuple[tuple[torch.Tensor, ...], ...]) -> None:
+    r"""Add each block's :math:`\sum g g^\top` of one chunk of columns to ``sums`` in place."""
+    for acc, calls in zip(sums, grads, strict=True):
+        for g in calls:
+            _gram_into(acc, g)
 
 
 # ------------------------------------------------------------------------------ block algebra

@@ -480,7 +480,7 @@ def patches(x: torch.Tensor, conv: tuple) -> torch.Tensor:
     return p.reshape(p.shape[0], p.shape[1] * p.shape[2], -1).transpose(1, 2)
 
 
-def _samples_positions(call: Call) -> tuple[int, int]:
+def samples_positions(call: Call) -> tuple[int, int]:
     """``(N, P)``: samples (axis 0 of a batched input, else 1) and positions per sample."""
     if call.dims == 0:
         shape = call.out_shape
@@ -494,7 +494,7 @@ def _samples_positions(call: Call) -> tuple[int, int]:
 
 def block_inputs(block: Block, call: Call) -> torch.Tensor:
     """The block's input vectors in one call: ``(N, P, groups, size)``, ones for a bias."""
-    n, p = _samples_positions(call)
+    n, p = samples_positions(call)
     parts = []
     if block.weight is not None:
         if call.dims == 0:
@@ -514,7 +514,7 @@ def block_grads(block: Block, call: Call, grad: torch.Tensor) -> torch.Tensor:
 
     ``grad`` has a leading axis of ``k`` columns before the output's shape.
     """
-    n, p = _samples_positions(call)
+    n, p = samples_positions(call)
     k = grad.shape[0]
     if call.dims == 0:
         g = grad.reshape(k, n, p, -1)

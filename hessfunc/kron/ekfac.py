@@ -31,20 +31,21 @@ from ..losses import Loss
 from . import _kron
 from ._eigenbasis import EKFAC, Moments
 from ._kron import Fisher
+from ._layers import samples_positions
 from .kfac import KFAC, factor_sums
 
 __all__ = ["EKFAC", "Moments", "ekfac"]
 
 
-def _moments(a: torch.Tensor, g: torch.Tensor, qa: torch.Tensor, qg: torch.Tensor) -> torch.Tensor:
+def _moments(at: torch.Tensor, g: torch.Tensor, qg: torch.Tensor) -> torch.Tensor:
     """``sum_{k, n} (qg^T (sum_p g a^T) qa)^2`` per group, ``(groups, out, size)``.
 
-    ``a``: ``(N, P, groups, size)``; ``g``: ``(k, N, P, groups, out)``. Either the per-sample
+    ``at``: the inputs in their eigenbasis, ``a @ qa``, ``(N, P, groups, size)`` (projected once
+    for every chunk of columns); ``g``: ``(k, N, P, groups, out)``. Either the per-sample
     gradients are formed (memory ``k N o d``) or their squares are expanded over pairs of
     positions (memory ``N P^2 (o + d)``), whichever is smaller; without weight sharing
     (``P = 1``) the latter is two element-wise squares and one matrix product.
     """
-    at = torch.einsum("npgi,gij->npgj", a, qa)
     gt = torch.einsum("knpgi,gij->knpgj", g, qg)
     k, n, p, groups, o = gt.shape
     d = at.shape[-1]
@@ -92,7 +93,8 @@ def ekfac(
         noise: for ``"mc"``: uniform draws ``(mc_samples, *loss_fn.noise_shape(outputs))``.
         mc_samples: targets drawn per sample (``"mc"`` only).
         separate_bias: give each bias its own block.
-        chunk_size: output-space columns pulled back per vectorised pass (``None``: all).
+        chunk_size: output-space columns pulled back per vectorised pass (``None``: as many
+            as fit 4 MiB of output gradients, at least one; see :func:`hessfunc.kfac`).
         basis: a ``KFAC`` or ``EKFAC`` with the same layout whose eigenbasis to use.
 
     Returns:
@@ -101,9 +103,10 @@ def ekfac(
 
     Cost:
         As :func:`hessfunc.kfac` plus two eigendecompositions per block (none with an
-        ``EKFAC`` basis) and the projected per-sample gradients (see ``_moments``); with
-        ``chunk_size`` smaller than the number of columns and no ``basis``, the backward passes
-        run twice (once for the factors, once for the moments).
+        ``EKFAC`` basis) and the projected per-sample gradients (see ``_moments``); when the
+        columns take more than one chunk and no ``basis`` is given, the backward passes run
+        twice (once for the factors, once for the moments). Memory: as :func:`hessfunc.kfac`,
+        plus every layer's unfolded inputs for the moments.
 
     Example:
         On one linear layer with summed squared error EK-FAC, like K-FAC, is the GGN itself:
@@ -132,11 +135,12 @@ def ekfac(
         where, model_fn, loss_fn, params, args, fisher=fisher, generator=generator, noise=noise,
         mc_samples=mc_samples, separate_bias=separate_bias, chunk_size=chunk_size,
     )  # fmt: skip
-    for block, calls in zip(p.layout.blocks, p.inputs, strict=True):
-        for a in calls:
-            if a.shape[0] != p.rows:
+    for block, calls in zip(p.layout.blocks, p.calls, strict=True):
+        for c in calls:
+            n = samples_positions(c)[0]
+            if n != p.rows:
                 raise ValueError(
-                    f"{where}: the input of {'+'.join(block.names)} has {a.shape[0]} samples on "
+                    f"{where}: the input of {'+'.join(block.names)} has {n} samples on "
                     f"axis 0 but the outputs have {p.rows} rows; per-sample gradients need the "
                     "samples on axis 0 of every layer input, as in the outputs. Keep a sample "
                     "axis in the outputs (loss terms per sample), or use hessfunc.kfac."
@@ -153,13 +157,21 @@ def ekfac(
             f"call finds {[b.names for b in p.layout.blocks]}; build the basis with the same "
             "model_fn, params and separate_bias."
         )
-    sums: list[Any] = [0] * len(p.inputs)
+    projected = []
+    for i in range(len(p.calls)):
+        a = _kron.block_inputs_of(p, i)
+        a = torch.cat(a, 1) if len(a) > 1 else a[0]
+        projected.append(torch.einsum("npgi,gij->npgj", a, basis.input_bases[i]))
+        del a
+    sums: list[Any] = [0] * len(projected)
     for chunk in range(p.chunks):
         gs = kept[0] if kept is not None else p.grads(chunk)
-        for i, (inputs, grads) in enumerate(zip(p.inputs, gs, strict=True)):
-            a = torch.cat(inputs, 1) if len(inputs) > 1 else inputs[0]
+        for i, (at, grads) in enumerate(zip(projected, gs, strict=True)):
             g = torch.cat(grads, 2) if len(grads) > 1 else grads[0]
-            sums[i] = sums[i] + _moments(a, g, basis.input_bases[i], basis.grad_bases[i])
+            sums[i] = sums[i] + _moments(at, g, basis.grad_bases[i])
+        del gs
+    kept = None
+    p.release()
     sums = [s * p.weight if p.weight != 1.0 else s for s in sums]
     moments = Moments(tuple(sums), p.loss_terms, _kron.options(fisher, loss_fn))
     return basis._replace(moments=moments)

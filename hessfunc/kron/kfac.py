@@ -288,21 +288,34 @@ class KFAC(NamedTuple):
 
 
 def factor_sums(p: Pass, keep: bool = False) -> tuple[KFAC, list | None]:
-    """K-FAC sums of one pass; with ``keep``, also the gradients of a single chunk for reuse."""
-    input_sums = tuple(
-        sum(torch.einsum("npgi,npgj->gij", a, a) for a in calls) for calls in p.inputs
-    )
-    positions = p.positions
-    grad_sums: list[Any] = [0] * len(p.inputs)
+    """K-FAC sums of one pass; with ``keep``, also the gradients of a single chunk for reuse.
+
+    The gradient sums come first, a chunk of columns at a time and added in place, so only one
+    chunk's output gradients exist at once; then (unless ``keep``: the caller pulls back again)
+    the forward pass's saved tensors are released before the layer inputs are unfolded for the
+    input sums.
+    """
+    grad_sums: list[torch.Tensor] = []
     kept = None
     for chunk in range(p.chunks):
         gs = p.grads(chunk)
+        if not grad_sums:
+            grad_sums = [
+                torch.zeros(g[0].shape[-2], g[0].shape[-1], g[0].shape[-1], dtype=g[0].dtype,
+                            device=g[0].device)
+                for g in gs
+            ]  # fmt: skip
+        _kron.grad_sums_into(grad_sums, gs)
         if keep and p.chunks == 1:
             kept = [gs]
-        for i, calls in enumerate(gs):
-            grad_sums[i] = grad_sums[i] + sum(torch.einsum("knpgo,knpgq->goq", g, g) for g in calls)
-    grad_sums = [s * p.weight if p.weight != 1.0 else s for s in grad_sums]
-    return KFAC(input_sums, positions, tuple(grad_sums), p.loss_terms, p.layout), kept
+        del gs  # before the next chunk is pulled back
+    if not keep:
+        p.release()
+    if p.weight != 1.0:
+        grad_sums = [s * p.weight for s in grad_sums]
+    input_sums = _kron.input_sums(p)
+    result = KFAC(input_sums, p.positions, tuple(grad_sums), p.loss_terms, p.layout)
+    return result, kept
 
 
 def kfac(
@@ -355,7 +368,9 @@ def kfac(
             ``(mc_samples, *loss_fn.noise_shape(outputs))``.
         mc_samples: targets drawn per sample (``"mc"`` only).
         separate_bias: give each bias its own block instead of folding it into its weight's.
-        chunk_size: output-space columns pulled back per vectorised pass (``None``: all).
+        chunk_size: output-space columns pulled back per vectorised pass (``None``: as many
+            as fit 4 MiB of output gradients, at least one; an int ``>= K`` pulls back all
+            columns at once).
 
     Returns:
         A :class:`KFAC`: per-block sums, counts and the layout, with ``.A`` / ``.G`` (the
@@ -366,8 +381,11 @@ def kfac(
         Two forward passes of ``model_fn`` (one finds the layers; under ``torch.compile``
         its unused work is dropped) and ``K`` backward passes in ``ceil(K / chunk_size)``
         vectorised pulls, ``K`` the number of columns; then per block
-        :math:`O(M d^2 + K M o^2)` for the factors. Memory: the layers' inputs, ``chunk_size``
-        sets of output gradients, and :math:`O(d^2 + o^2)` per block.
+        :math:`O(M d^2 + K M o^2)` for the factors. Memory: while the columns are pulled
+        back, the forward pass's saved tensors and one chunk of output gradients (their sums
+        are formed as each chunk arrives); then, with the forward pass freed, the layers'
+        inputs and a few samples' unfolded patches (at most 4 MiB); throughout,
+        :math:`O(d^2 + o^2)` per block for the factors themselves.
 
     Example:
         One linear layer with summed squared error: K-FAC is the GGN itself.
