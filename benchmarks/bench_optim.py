@@ -524,7 +524,7 @@ def task_setup(task: str, quick: bool) -> dict:
             "hf": False,
             "ada_every": 10,
             # the autoencoder's grids diverged here in smoke runs (K-FAC at every initial
-            # damping of 1e-4..1e-1 within 15 steps, AdaHessian at lr 0.1 and above): moved
+            # damping of 1e-3, 1e-2 and 1e-1 within 15 steps, AdaHessian at lr 0.1): moved
             # up (K-FAC) and down (AdaHessian) by one decade or half a decade
             "grids": {
                 "hessfunc K-FAC (adaptive lr, momentum)": [0.1, 1.0, 10.0],
