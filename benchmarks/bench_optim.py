@@ -635,8 +635,8 @@ def other_task(a, task: str) -> str:
         "with other users at the time, so absolute times are noisy and ratios are from the "
         f"same run.\n\n{spec['describe']}. {n_params:,} parameters, float32, eager steps. "
         f"Target validation loss {spec['target']} (checked every {spec['eval']} steps, outside "
-        f"the timed steps). Budgets: AdamW {b['first']} steps, K-FAC {b['kfac']}, Sophia and "
-        f"AdaHessian (Hessian refresh every {spec['ada_every']} step(s)) {b['diag']}"
+        f"the timed steps). Budgets: AdamW {b['first']} steps, K-FAC {b['kfac']}, Sophia "
+        f"(Hessian refresh every 10 steps) and AdaHessian (every {spec['ada_every']}) {b['diag']}"
         + (f", Hessian-free {b['hf']}" if spec["hf"] else "")
         + f". K-FAC covers {len(coverage.covered)} of {len(p0)} leaves; the others get a "
         "damped gradient step: "
