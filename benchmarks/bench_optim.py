@@ -268,9 +268,15 @@ def train_kfac_jax(X, order, budget, damping) -> tuple[Run, float] | None:
 
 
 def best(runs: list[Run]) -> Run:
+    """Fewest seconds among the runs that reached the target, else the lowest final loss
+    (a run that diverged to NaN counts as infinite)."""
+
     def key(r: Run):
         final = r.curve[-1][2]
-        return (r.reached is None, r.seconds if r.reached else final)
+        return (
+            r.reached is None,
+            r.seconds if r.reached else final if final == final else math.inf,
+        )
 
     return min(runs, key=key)
 
