@@ -22,8 +22,8 @@ tuned over a small grid (the best run is reported, the grid is printed):
   (``lr=None``: the grid is the initial damping), one-sample Monte-Carlo Fisher, eager, and on
   the autoencoder also compiled with ``fullgraph=True``;
 - ``hessfunc.optim.sophia`` (Sophia-G and Sophia-H, ``update_every=10``, no weight decay),
-  ``hessfunc.optim.adahessian`` and ``hessfunc.optim.hessian_free`` (GGN, 10 CG iterations;
-  not on the transformer), eager;
+  ``hessfunc.optim.adahessian`` (a Hessian refresh every step; every 10 on the transformer)
+  and ``hessfunc.optim.hessian_free`` (GGN, 10 CG iterations; not on the transformer), eager;
 - on the autoencoder, kfac-jax's ``Optimizer`` (adaptive learning rate, momentum and damping,
   its default curvature estimator, jitted) on the same architecture, initialisation and
   batches, when ``jax`` and ``kfac_jax`` import.
@@ -45,6 +45,7 @@ import os
 import time
 
 import common
+import optim_tasks
 import torch
 import torch.nn.functional as F
 
@@ -473,96 +474,13 @@ def autoencoder(a) -> str:
 
 # ------------------------------------------------------------------ cnn and charlm
 
-# Chosen from pilot runs of AdamW on the same batches: at its best learning rate of the grid
-# it reached 0.04 (cnn) at about step 200 of 600 (the validation loss then hovers at 0.03-0.04,
-# moving by a few 1e-3 between checks) and 1.9 nats per byte (charlm) at about step 475 of 800
-TARGET_CNN = 0.04
-TARGET_CHARLM = 1.9
-
-
-def task_setup(task: str, quick: bool) -> dict:
-    """Model, loss, parameters, training batches, validation set and budgets of a task."""
-    import optim_tasks as ot
-
-    from hessfunc.losses import CrossEntropyLoss
-
-    g = torch.Generator().manual_seed(SEED)
-    if task == "cnn":
-        Xtr, ytr, Xva, yva = ot.digits_split()
-        n_steps = 1000
-        idx: list[torch.Tensor] = []
-        while len(idx) < n_steps:
-            perm = torch.randperm(len(Xtr), generator=g)
-            idx += [perm[i : i + 128] for i in range(0, len(Xtr) - 127, 128)]
-        spec = {
-            "model": ot.cnn,
-            "init": ot.cnn_init,
-            "loss": lambda x, y: CrossEntropyLoss(y),
-            "batches": [(Xtr[i], ytr[i]) for i in idx[:n_steps]],
-            "val": (Xva, yva),
-            "target": TARGET_CNN,
-            "eval": 10,
-            "budgets": {"first": 1000, "kfac": 300, "diag": 600, "hf": 200},
-            "hf": True,
-            "ada_every": 1,
-            "describe": (
-                "Small CNN on sklearn digits (conv 3x3 1->16, ReLU, conv 3x3 16->32, ReLU, "
-                "max-pool 2, linear 512->64, ReLU, linear 64->10; cross-entropy), "
-                f"{len(Xtr)} training and {len(Xva)} validation images (one seeded split), "
-                "batch 128 from one seeded permutation per epoch"
-            ),
-        }
-    elif task == "charlm":
-        train, valtext, corpus = ot.stdlib_corpus()
-        n_steps = 800
-        starts = torch.randint(0, len(train) - ot.CONTEXT - 1, (n_steps, 32), generator=g)
-        spec = {
-            "model": ot.charlm,
-            "init": ot.charlm_init,
-            "loss": lambda x, y: CrossEntropyLoss(y.reshape(-1)),
-            "batches": [ot.windows(train, s) for s in starts],
-            "val": ot.windows(
-                valtext, torch.linspace(0, len(valtext) - ot.CONTEXT - 2, 128).long()
-            ),
-            "target": TARGET_CHARLM,
-            "eval": 25,
-            "budgets": {"first": 800, "kfac": 200, "diag": 600, "hf": 0},
-            "hf": False,
-            "ada_every": 10,
-            # the autoencoder's grids diverged here in smoke runs (K-FAC at every initial
-            # damping of 1e-3, 1e-2 and 1e-1 within 15 steps, AdaHessian at lr 0.1): moved
-            # up (K-FAC) and down (AdaHessian) by one decade or half a decade
-            "grids": {
-                "hessfunc K-FAC (adaptive lr, momentum)": [0.1, 1.0, 10.0],
-                "AdaHessian": [0.01, 0.03, 0.1],
-            },
-            "describe": (
-                "Character-level transformer (byte vocabulary 256, 2 pre-LayerNorm blocks, "
-                "d_model 64, 4 heads, MLP 256, context 64, learned positions, untied output "
-                "layer, causal attention written out with torch.nn.functional calls), batches "
-                f"of 32 random windows of 64 bytes; corpus: {corpus}; validation: 128 evenly "
-                "spaced windows of the held-out slice (8192 predicted bytes), loss in nats "
-                "per byte"
-            ),
-        }
-    else:
-        raise ValueError(task)
-    if quick:
-        spec["budgets"] = {k: min(v, 40) for k, v in spec["budgets"].items()}
-    return spec
-
-
-def val_loss(spec: dict, p: dict) -> float:
-    with torch.no_grad():
-        return float(spec["loss"](*spec["val"])(spec["model"](p, *spec["val"])))
-
 
 def train_task(spec: dict, name: str, make, budget: int, torch_opt: bool) -> Run:
     """One run: ``make`` is a torch.optim factory (of a list of leaves) or a hessfunc optimizer."""
     model, loss, ev = spec["model"], spec["loss"], spec["eval"]
     p = spec["init"]()
     run = Run(name, "", spec["target"])
-    run.log(0, val_loss(spec, p))
+    run.log(0, optim_tasks.val_loss(spec, p))
     g = torch.Generator().manual_seed(SEED)
     if torch_opt:
         p = {k: v.requires_grad_() for k, v in p.items()}
@@ -579,7 +497,7 @@ def train_task(spec: dict, name: str, make, budget: int, torch_opt: bool) -> Run
         else:
             p, state, _ = opt.step(p, state, *batch, generator=g)
         run.step_times.append(time.perf_counter() - t0)
-        if t % ev == 0 and run.log(t, val_loss(spec, p)):
+        if t % ev == 0 and run.log(t, optim_tasks.val_loss(spec, p)):
             break
     run.state_bytes = state_bytes(opt.state_dict()["state"] if torch_opt else state)
     return run
@@ -587,7 +505,7 @@ def train_task(spec: dict, name: str, make, budget: int, torch_opt: bool) -> Run
 
 def other_task(a, task: str) -> str:
     start = time.perf_counter()
-    spec = task_setup(task, a.quick)
+    spec = optim_tasks.task_setup(task, a.quick)
     model, loss, b = spec["model"], spec["loss"], spec["budgets"]
     p0 = spec["init"]()
     n_params = sum(v.numel() for v in p0.values())
