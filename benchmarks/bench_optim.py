@@ -1,30 +1,40 @@
-"""Optimizers on the deep autoencoder of the K-FAC papers, scaled to scikit-learn's digits.
+"""Optimizers on three workloads: steps and seconds to a target loss, time per step, state.
 
-Workload: the 1797 8x8 digits of ``sklearn.datasets.load_digits`` scaled to [0, 1], an
-autoencoder 64-256-128-32-128-256-64 (tanh hidden layers, linear 32-unit code, sigmoid output
-through the logits), binary cross-entropy averaged over pixels, float32, minibatches of 256
-drawn from one seeded permutation per epoch, the same initialisation and batches for every
-method. Every ``EVAL`` steps the loss on the whole training set is measured (outside the
-timed region); a run stops when it reaches ``TARGET`` or after its step budget.
+``--task autoencoder`` (default): the deep autoencoder of the K-FAC papers, scaled to
+scikit-learn's digits. The 1797 8x8 digits scaled to [0, 1], an autoencoder
+64-256-128-32-128-256-64 (tanh hidden layers, linear 32-unit code, sigmoid output through the
+logits), binary cross-entropy averaged over pixels, float32, minibatches of 256 drawn from one
+seeded permutation per epoch, the same initialisation and batches for every method. Every
+``EVAL`` steps the loss on the whole training set is measured (outside the timed region); a
+run stops when it reaches ``TARGET`` or after its step budget.
 
-Methods, each with its learning rate tuned over a small grid (the best run is reported, the
-grid is printed):
+``--task cnn`` and ``--task charlm`` (workloads in ``optim_tasks.py``): a small CNN on the
+digits and a character-level transformer (2 layers, d_model 64, context 64) on the Python
+standard library's source; the target is a *validation* loss, measured every few steps on a
+fixed held-out set, outside the timed region.
 
-- ``torch.optim.AdamW`` (defaults otherwise) and ``torch.optim.SGD`` with momentum 0.9;
+Methods, each with its learning rate (or, for K-FAC and Hessian-free, its initial damping)
+tuned over a small grid (the best run is reported, the grid is printed):
+
+- ``torch.optim.AdamW`` (defaults otherwise) and, on the autoencoder, ``torch.optim.SGD`` with
+  momentum 0.9;
 - ``hessfunc.optim.kfac`` with the exact quadratic model choosing step size and momentum
-  (``lr=None``: nothing to tune; initial damping over a grid instead), one-sample Monte-Carlo
-  Fisher, eager;
-- (Sophia, AdaHessian and Hessian-free have their own script, ``bench_optim_diag.py``);
-- kfac-jax's ``Optimizer`` (adaptive learning rate, momentum and damping, its default
-  curvature estimator, jitted) on the same architecture, initialisation and batches, when
-  ``jax`` and ``kfac_jax`` import.
+  (``lr=None``: the grid is the initial damping), one-sample Monte-Carlo Fisher, eager, and on
+  the autoencoder also compiled with ``fullgraph=True``;
+- ``hessfunc.optim.sophia`` (Sophia-G and Sophia-H, ``update_every=10``, no weight decay),
+  ``hessfunc.optim.adahessian`` (a Hessian refresh every step; every 10 on the transformer)
+  and ``hessfunc.optim.hessian_free`` (GGN, 10 CG iterations; not on the transformer), eager;
+- on the autoencoder, kfac-jax's ``Optimizer`` (adaptive learning rate, momentum and damping,
+  its default curvature estimator, jitted) on the same architecture, initialisation and
+  batches, when ``jax`` and ``kfac_jax`` import.
 
 Reported: steps and seconds to the target (seconds: the summed time of the steps alone), time
-per step, per-step overhead over AdamW (ratio of times per step in this run), and
+per step (median), per-step overhead over AdamW (ratio of times per step in this run), and
 optimizer-state memory per parameter (bytes of every tensor the optimizer keeps between
 steps, over the number of parameters).
 
-    python benchmarks/bench_optim.py [--threads 1] [--record] [--quick]
+    python benchmarks/bench_optim.py [--task autoencoder|cnn|charlm|all] [--threads 1]
+        [--record] [--quick]
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import os
 import time
 
 import common
+import optim_tasks
 import torch
 import torch.nn.functional as F
 
@@ -97,8 +108,8 @@ def state_bytes(tree) -> int:
 
 
 class Run:
-    def __init__(self, name: str, setting: str) -> None:
-        self.name, self.setting = name, setting
+    def __init__(self, name: str, setting: str, target: float = TARGET) -> None:
+        self.name, self.setting, self.target = name, setting, target
         self.step_times: list[float] = []
         self.curve: list[tuple[int, float, float]] = []  # (step, seconds, full loss)
         self.reached: int | None = None
@@ -106,7 +117,7 @@ class Run:
 
     def log(self, step: int, loss: float) -> bool:
         self.curve.append((step, sum(self.step_times), loss))
-        if loss <= TARGET and self.reached is None:
+        if loss <= self.target and self.reached is None:
             self.reached = step
         return self.reached is not None or not math.isfinite(loss)
 
@@ -258,34 +269,106 @@ def train_kfac_jax(X, order, budget, damping) -> tuple[Run, float] | None:
 
 
 def best(runs: list[Run]) -> Run:
+    """Fewest seconds among the runs that reached the target, else the lowest final loss
+    (a run that diverged to NaN counts as infinite)."""
+
     def key(r: Run):
         final = r.curve[-1][2]
-        return (r.reached is None, r.seconds if r.reached else final)
+        return (
+            r.reached is None,
+            r.seconds if r.reached else final if final == final else math.inf,
+        )
 
     return min(runs, key=key)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--record", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="a smoke test: one grid point, short runs")
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    os.environ.setdefault(
-        "XLA_FLAGS",
-        f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={a.threads}",
-    )
+HF = "Hessian-free (GGN, 10 CG)"
+DIAG_GRIDS = {
+    "Sophia-G": [3e-4, 1e-3, 3e-3],
+    "Sophia-H": [3e-4, 1e-3, 3e-3],
+    "AdaHessian": [0.03, 0.1, 0.3],
+}
+
+
+def second_order_methods(model_fn, loss_fn, *, hf: bool, ada_every: int = 1) -> dict:
+    """Name -> (grid value -> hessfunc optimizer) for Sophia-G/H, AdaHessian, Hessian-free."""
+    o = hessfunc.optim
+    out = {
+        "Sophia-G": lambda lr: o.sophia(model_fn, loss_fn, lr=lr, weight_decay=0.0),
+        "Sophia-H": lambda lr: o.sophia(
+            model_fn, loss_fn, lr=lr, weight_decay=0.0, estimator="hutchinson"
+        ),
+        "AdaHessian": lambda lr: o.adahessian(model_fn, loss_fn, lr=lr, update_every=ada_every),
+    }
+    if hf:
+        out[HF] = lambda lam: o.hessian_free(model_fn, loss_fn, damping=lam, maxiter=10)
+    return out
+
+
+def sweep_into(results: dict, name: str, grid, fn) -> None:
+    """Run ``fn(v)`` for every ``v`` of the grid; keep the runs and the best one."""
+    runs = []
+    for v in grid:
+        r = fn(v)
+        if r is None:
+            return
+        r.setting = f"{v:g}"
+        runs.append((v, r))
+        print(
+            f"{name} {v:g}: reached {r.reached} in {r.seconds:.1f} s, final "
+            f"{r.curve[-1][2]:.4f}, {1e3 * r.per_step:.2f} ms/step",
+            flush=True,
+        )
+    results[name] = (best([r for _, r in runs]), runs)
+
+
+def header(final: str) -> list[str]:
+    return [
+        "method",
+        "best setting (grid)",
+        "steps to target",
+        "seconds to target",
+        final,
+        "ms / step",
+        "step time / AdamW's",
+        "state bytes / param",
+    ]
+
+
+def table_rows(results: dict, n_params: int) -> list[list]:
+    adam = results["AdamW"][0]
+    rows = []
+    for name, (r, runs) in results.items():
+        grid = ", ".join(x.setting for _, x in runs)
+        rows.append(
+            [
+                name,
+                f"{r.setting} (of {grid})",
+                r.reached if r.reached is not None else f"not in {r.curve[-1][0]}",
+                f"{r.seconds:.1f}" if r.reached is not None else "-",
+                f"{r.curve[-1][2]:.4f}",
+                1e3 * r.per_step,
+                r.per_step / adam.per_step,
+                r.state_bytes / n_params,
+            ]
+        )
+    return rows
+
+
+def autoencoder(a) -> str:
     start = time.perf_counter()
     X = digits()
     n_params = sum(v.numel() for v in init_params().values())
     first_budget, second_budget = (300, 30) if a.quick else (3000, 400)
-    order = batch_order(len(X), max(first_budget, second_budget))
+    diag_budget = 200 if a.quick else 2000
+    order = batch_order(len(X), max(first_budget, second_budget, diag_budget))
 
     grids = {
         "AdamW": [1e-3, 3e-3, 1e-2],
         "SGD momentum 0.9": [0.3, 1.0, 3.0],
         "hessfunc K-FAC (adaptive lr, momentum)": [1e-4, 1e-3, 1e-2],  # initial damping
+        **DIAG_GRIDS,
+        HF: [0.01, 0.1, 1.0],  # initial damping
         "kfac-jax (adaptive lr, momentum)": [1e-4, 1e-3, 1e-2],  # initial damping
     }
     if a.quick:
@@ -294,19 +377,7 @@ def main() -> None:
     notes: list[str] = []
 
     def sweep(name, grid, fn):
-        runs = []
-        for v in grid:
-            r = fn(v)
-            if r is None:
-                return
-            r.setting = f"{v:g}"
-            runs.append((v, r))
-            print(
-                f"{name} {v:g}: reached {r.reached} in {r.seconds:.1f} s, final "
-                f"{r.curve[-1][2]:.4f}, {1e3 * r.per_step:.2f} ms/step",
-                flush=True,
-            )
-        results[name] = (best([r for _, r in runs]), runs)
+        sweep_into(results, name, grid, fn)
 
     sweep(
         "AdamW",
@@ -355,6 +426,15 @@ def main() -> None:
         + ", ".join(f"{v:.1f} s" for v in compile_s.values())
         + "; excluded from ms/step and seconds"
     )
+    for name, make in second_order_methods(model, loss_fn, hf=True).items():
+        budget = second_budget if name == HF else diag_budget
+        sweep(
+            name,
+            grids[name],
+            lambda v, name=name, make=make, budget=budget: train_hessfunc(
+                name, make(v), X, order, budget, mc=True
+            ),
+        )
     jax_compile = {}
 
     def jax_run(lam):
@@ -368,41 +448,18 @@ def main() -> None:
     if "kfac-jax (adaptive lr, momentum)" not in results:
         notes.append("kfac-jax: jax / kfac_jax not importable, skipped")
 
-    adam = results["AdamW"][0]
-    rows = []
-    for name, (r, runs) in results.items():
-        grid = ", ".join(x.setting for _, x in runs)
-        rows.append(
-            [
-                name,
-                f"{r.setting} (of {grid})",
-                r.reached if r.reached is not None else f"not in {len(r.step_times)}",
-                f"{r.seconds:.1f}" if r.reached is not None else "-",
-                f"{r.curve[-1][2]:.4f}",
-                1e3 * r.per_step,
-                r.per_step / adam.per_step,
-                r.state_bytes / n_params,
-            ]
-        )
-    header = [
-        "method",
-        "best setting (grid)",
-        "steps to target",
-        "seconds to target",
-        "final train loss",
-        "ms / step",
-        "step time / AdamW's",
-        "state bytes / param",
-    ]
+    rows = table_rows(results, n_params)
     body = (
         f"Machine: {common.machine('cpu')}, {a.threads} thread(s); a 2-core machine shared "
         "with other users at the time, so absolute times are noisy and ratios are from the "
         "same run.\n\nDeep autoencoder 64-256-128-32-128-256-64 on sklearn digits "
         f"({len(X)} images, {n_params:,} parameters, float32, batch {BATCH}), target "
         f"training loss {TARGET} (per-pixel binary cross-entropy on the whole set, checked "
-        f"every {EVAL} steps). First-order budget {first_budget} steps, second-order "
-        f"{second_budget}. For K-FAC the grid is the initial damping (step size and momentum "
-        "come from the quadratic model).\n\n" + common.table(header, rows)
+        f"every {EVAL} steps). Budgets: AdamW and SGD {first_budget} steps, Sophia and "
+        f"AdaHessian {diag_budget}, K-FAC, Hessian-free and kfac-jax {second_budget}. For "
+        "K-FAC the grid is the initial damping (step size and momentum come from the "
+        "quadratic model), for Hessian-free too (Levenberg-Marquardt adapts it).\n\n"
+        + common.table(header("final train loss"), rows)
     )
     if jax_compile:
         body += (
@@ -412,9 +469,136 @@ def main() -> None:
     for n in notes:
         body += f"\n- {n}"
     body += f"\n\nWhole run: {time.perf_counter() - start:.0f} s."
-    print(body)
-    if a.record:
-        common.record("bench_optim.py: optimizers on the digits autoencoder", body)
+    return body
+
+
+# ------------------------------------------------------------------ cnn and charlm
+
+
+def train_task(spec: dict, name: str, make, budget: int, torch_opt: bool) -> Run:
+    """One run: ``make`` is a torch.optim factory (of a list of leaves) or a hessfunc optimizer."""
+    model, loss, ev = spec["model"], spec["loss"], spec["eval"]
+    p = spec["init"]()
+    run = Run(name, "", spec["target"])
+    run.log(0, optim_tasks.val_loss(spec, p))
+    g = torch.Generator().manual_seed(SEED)
+    if torch_opt:
+        p = {k: v.requires_grad_() for k, v in p.items()}
+        opt = make(list(p.values()))
+    else:
+        opt = make
+        state = opt.init(p)
+    for t, batch in enumerate(spec["batches"][:budget], 1):
+        t0 = time.perf_counter()
+        if torch_opt:
+            opt.zero_grad(set_to_none=True)
+            loss(*batch)(model(p, *batch)).backward()
+            opt.step()
+        else:
+            p, state, _ = opt.step(p, state, *batch, generator=g)
+        run.step_times.append(time.perf_counter() - t0)
+        if t % ev == 0 and run.log(t, optim_tasks.val_loss(spec, p)):
+            break
+    run.state_bytes = state_bytes(opt.state_dict()["state"] if torch_opt else state)
+    return run
+
+
+def other_task(a, task: str) -> str:
+    start = time.perf_counter()
+    spec = optim_tasks.task_setup(task, a.quick)
+    model, loss, b = spec["model"], spec["loss"], spec["budgets"]
+    p0 = spec["init"]()
+    n_params = sum(v.numel() for v in p0.values())
+    batch0 = spec["batches"][0]
+    coverage = hessfunc.kfac(model, loss(*batch0), p0, *batch0)
+    grids = {
+        "AdamW": [1e-3, 3e-3, 1e-2],
+        "hessfunc K-FAC (adaptive lr, momentum)": [1e-4, 1e-3, 1e-2],  # initial damping
+        **DIAG_GRIDS,
+        HF: [0.01, 0.1, 1.0],  # initial damping
+        **spec.get("grids", {}),
+    }
+    if a.quick:
+        grids = {k: v[1:2] for k, v in grids.items()}
+    results: dict = {}
+    sweep_into(
+        results,
+        "AdamW",
+        grids["AdamW"],
+        lambda lr: train_task(
+            spec, "AdamW", lambda ps: torch.optim.AdamW(ps, lr=lr), b["first"], True
+        ),
+    )
+    kname = "hessfunc K-FAC (adaptive lr, momentum)"
+    sweep_into(
+        results,
+        kname,
+        grids[kname],
+        lambda lam: train_task(
+            spec,
+            kname,
+            hessfunc.optim.kfac(model, loss, damping=lam, fisher="mc"),
+            b["kfac"],
+            False,
+        ),
+    )
+    methods = second_order_methods(model, loss, hf=spec["hf"], ada_every=spec["ada_every"])
+    for name, make in methods.items():
+        budget = b["hf"] if name == HF else b["diag"]
+        sweep_into(
+            results,
+            name,
+            grids[name],
+            lambda v, name=name, make=make, budget=budget: train_task(
+                spec, name, make(v), budget, False
+            ),
+        )
+    rows = table_rows(results, n_params)
+    body = (
+        f"Machine: {common.machine('cpu')}, {a.threads} thread(s); a 2-core machine shared "
+        "with other users at the time, so absolute times are noisy and ratios are from the "
+        f"same run.\n\n{spec['describe']}. {n_params:,} parameters, float32, eager steps. "
+        f"Target validation loss {spec['target']} (checked every {spec['eval']} steps, outside "
+        f"the timed steps). Budgets: AdamW {b['first']} steps, K-FAC {b['kfac']}, Sophia "
+        f"(Hessian refresh every 10 steps) and AdaHessian (every {spec['ada_every']}) {b['diag']}"
+        + (f", Hessian-free {b['hf']}" if spec["hf"] else "")
+        + f". K-FAC covers {len(coverage.covered)} of {len(p0)} leaves; the others get a "
+        "damped gradient step: "
+        + (", ".join(f"`{path}`" for path, _ in coverage.uncovered) or "none")
+        + ".\n\n"
+        + common.table(header("final val loss"), rows)
+    )
+    body += f"\n\nWhole run: {time.perf_counter() - start:.0f} s."
+    return body
+
+
+TITLES = {
+    "autoencoder": "bench_optim.py: optimizers on the digits autoencoder",
+    "cnn": "bench_optim.py --task cnn: optimizers on a small CNN (digits)",
+    "charlm": "bench_optim.py --task charlm: optimizers on a character-level transformer",
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument(
+        "--task", choices=["autoencoder", "cnn", "charlm", "all"], default="autoencoder"
+    )
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--record", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="a smoke test: one grid point, short runs")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    os.environ.setdefault(
+        "XLA_FLAGS",
+        f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={a.threads}",
+    )
+    tasks = ["autoencoder", "cnn", "charlm"] if a.task == "all" else [a.task]
+    for task in tasks:
+        body = autoencoder(a) if task == "autoencoder" else other_task(a, task)
+        print(body, flush=True)
+        if a.record:
+            common.record(TITLES[task], body)
 
 
 if __name__ == "__main__":
