@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from .._base import _tree
-from . import _problem, evidence
+from . import _problem, covariance, evidence
 
 if TYPE_CHECKING:
     from .posterior import LaplacePosterior
@@ -41,9 +41,16 @@ class GaussianPredictive(NamedTuple):
 
 
 def output_gaussian(
-    post: LaplacePosterior, inputs: tuple, chunk_size: int | None
+    post: LaplacePosterior, inputs: tuple, chunk_size: int | None, *, jacobians: bool = False
 ) -> GaussianPredictive:
-    """The output Gaussian at ``inputs``: per-sample Jacobians, then :math:`P^{-1}` on them."""
+    """The output Gaussian at ``inputs``, ``chunk_size`` inputs at a time.
+
+    The covariance comes from :mod:`.covariance`: without per-sample Jacobians for ``"kfac"``,
+    ``"diag"`` and ``"low_rank"``, from Jacobian rows assembled from the layers for ``"full"``
+    and ``"matrix_free"``. ``jacobians=True`` (or a model the layers cannot describe) takes
+    the per-sample Jacobians ``(m, C, n)`` of every parameter instead and applies
+    :math:`P^{-1}` to their rows: the reference the other routes are tested against.
+    """
     problem = post.problem
     with torch.no_grad():
         mean = problem.model_flat(problem.theta, *inputs)
@@ -51,12 +58,17 @@ def output_gaussian(
     m = mean.shape[0]
     step = m if chunk_size is None else chunk_size
     parts = []
-    for start in range(0, m, step):  # bounds the Jacobian block at step x C x n
+    for start in range(0, m, step):  # bounds the work at step inputs
         chunk = tuple(x[start : start + step] for x in inputs)
-        J = problem.jacobians(chunk)  # (k, C, n)
-        k, c, n = J.shape
-        S = post.curvature.cov_rows(J.reshape(k * c, n), f, post.prior).reshape(k, c, n)
-        parts.append(torch.einsum("mcn,mkn->mck", J, S))
+        var = None if jacobians else covariance.variance(post, chunk)
+        if var is None:
+            J = None if jacobians else covariance.rows(problem, chunk)
+            if J is None:
+                J = problem.jacobians(chunk)  # (k, C, n)
+            k, c, n = J.shape
+            S = post.curvature.cov_rows(J.reshape(k * c, n), f, post.prior).reshape(k, c, n)
+            var = torch.einsum("mcn,mkn->mck", J, S)
+        parts.append(var.detach())
     return GaussianPredictive(mean, torch.cat(parts) if len(parts) > 1 else parts[0])
 
 
