@@ -166,10 +166,11 @@ def _leaf_gram(J: Tensor, w: Tensor) -> Tensor:
 
 def _kron_matches(kron: Kron, lay: Layers) -> bool:
     got = tuple(
-        (b.weight if b.weight is not None else b.bias, b.groups, b.out_features, b.size)
+        (b.weight if b.weight is not None else b.bias, b.groups, b.out_features, b.size,
+         b.transposed)
         for b in lay.layout.blocks
-    )
-    want = tuple((b.leaf, b.groups, b.out, b.size) for b in kron.blocks)
+    )  # fmt: skip
+    want = tuple((b.leaf, b.groups, b.out, b.size, b.transposed) for b in kron.blocks)
     return got == want and tuple(kron.uncovered) == lay.uncovered
 
 
