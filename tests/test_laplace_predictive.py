@@ -16,7 +16,8 @@ from conftest import tol
 from torch import nn
 
 import hessfunc
-from hessfunc.laplace import _problem, covariance, fit
+from hessfunc.laplace import _covariance as covariance
+from hessfunc.laplace import _problem, fit
 from hessfunc.laplace.predictive import output_gaussian
 from hessfunc.losses import CrossEntropyLoss, MSELoss
 

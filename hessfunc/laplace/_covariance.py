@@ -258,4 +258,3 @@ def rows(problem: _problem.Problem, inputs: tuple) -> Tensor | None:
     for i, J in zip(lay.uncovered, leaf_jacobians(problem, inputs, lay.uncovered), strict=True):
         parts[i] = J
     return torch.cat(parts, dim=-1)
-
