@@ -108,7 +108,9 @@ def _kron(problem: _problem.Problem) -> Kron:
     blocks, gb, ge, ib, ie = [], [], [], [], []
     for block, A, G in zip(K.layout.blocks, K.A, K.G, strict=True):
         leaf = block.weight if block.weight is not None else block.bias
-        blocks.append(KronBlock(leaf, block.groups, block.out_features, block.size))
+        blocks.append(
+            KronBlock(leaf, block.groups, block.out_features, block.size, block.transposed)
+        )
         la, qa = torch.linalg.eigh(A)
         lg, qg = torch.linalg.eigh(G * scale)
         gb.append(qg)

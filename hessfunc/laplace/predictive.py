@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from .._base import _tree
-from . import _problem, evidence
+from . import _covariance, _problem, evidence
 
 if TYPE_CHECKING:
     from .posterior import LaplacePosterior
@@ -41,9 +41,16 @@ class GaussianPredictive(NamedTuple):
 
 
 def output_gaussian(
-    post: LaplacePosterior, inputs: tuple, chunk_size: int | None
+    post: LaplacePosterior, inputs: tuple, chunk_size: int | None, *, jacobians: bool = False
 ) -> GaussianPredictive:
-    """The output Gaussian at ``inputs``: per-sample Jacobians, then :math:`P^{-1}` on them."""
+    """The output Gaussian at ``inputs``, ``chunk_size`` inputs at a time.
+
+    The covariance comes from :mod:`._covariance`: without per-sample Jacobians for ``"kfac"``,
+    ``"diag"`` and ``"low_rank"``, from Jacobian rows assembled from the layers for ``"full"``
+    and ``"matrix_free"``. ``jacobians=True`` (or a model the layers cannot describe) takes
+    the per-sample Jacobians ``(m, C, n)`` of every parameter instead and applies
+    :math:`P^{-1}` to their rows: the reference the other routes are tested against.
+    """
     problem = post.problem
     with torch.no_grad():
         mean = problem.model_flat(problem.theta, *inputs)
@@ -51,12 +58,17 @@ def output_gaussian(
     m = mean.shape[0]
     step = m if chunk_size is None else chunk_size
     parts = []
-    for start in range(0, m, step):  # bounds the Jacobian block at step x C x n
+    for start in range(0, m, step):  # bounds the work at step inputs
         chunk = tuple(x[start : start + step] for x in inputs)
-        J = problem.jacobians(chunk)  # (k, C, n)
-        k, c, n = J.shape
-        S = post.curvature.cov_rows(J.reshape(k * c, n), f, post.prior).reshape(k, c, n)
-        parts.append(torch.einsum("mcn,mkn->mck", J, S))
+        var = None if jacobians else _covariance.variance(post, chunk)
+        if var is None:
+            J = None if jacobians else _covariance.rows(problem, chunk)
+            if J is None:
+                J = problem.jacobians(chunk)  # (k, C, n)
+            k, c, n = J.shape
+            S = post.curvature.cov_rows(J.reshape(k * c, n), f, post.prior).reshape(k, c, n)
+            var = torch.einsum("mcn,mkn->mck", J, S)
+        parts.append(var.detach())
     return GaussianPredictive(mean, torch.cat(parts) if len(parts) > 1 else parts[0])
 
 
@@ -83,8 +95,8 @@ def predictive(
             regression always returns the Gaussian.
         n_samples: draws for ``"mc"``.
         generator: a ``torch.Generator`` for ``"mc"``.
-        chunk_size: inputs at a time (``None``: all): bounds the Jacobian block, and the
-            rows :math:`P^{-1}` is applied to, at ``chunk_size x C x n``.
+        chunk_size: inputs at a time (``None``: all): bounds what is formed per chunk (see
+            Cost).
 
     Returns:
         Classification: ``(m, C)`` class probabilities (``(m,)`` probabilities of class 1 for
@@ -92,9 +104,17 @@ def predictive(
         variance)``.
 
     Cost:
-        Per input ``C`` backward passes (the rows of its Jacobian, vectorised) and one
-        application of :math:`P^{-1}` to them: dense and K-FAC products for ``"full"`` and
-        ``"kfac"``, ``O(nk)`` for ``"low_rank"``, one CG solve per row for ``"matrix_free"``.
+        One forward pass and ``C`` backward passes (vectorised) per chunk give every covered
+        layer's inputs :math:`a` and output gradients :math:`b_c` (the K-FAC recorder, see
+        :func:`hessfunc.kfac`); leaves no layer covers (normalisation scales, bare parameters)
+        take per-sample Jacobians of those leaves only. Then ``"kfac"``: per layer and sample
+        :math:`\sum_i q_{ci} q_{c'i} \sum_j p_j^2 / (f\mu_i\lambda_j + \delta)` in the
+        eigenbasis (:math:`O(\text{out} \cdot \text{in} + C^2 \text{out})`; a weight shared
+        over positions forms its own ``C x out x in`` rows per sample); ``"diag"``: the same
+        with the variances; ``"low_rank"``: that plus ``k`` jvps for :math:`JU`;
+        ``"full"`` and ``"matrix_free"``: the rows :math:`J` (``chunk_size x C x n``) built
+        from the layers, then :math:`P^{-1}` on them (one CG solve per row for
+        ``"matrix_free"``).
     """
     where = "hessfunc.laplace.LaplacePosterior.predictive(*inputs)"
     if link not in LINKS:

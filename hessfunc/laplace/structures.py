@@ -132,6 +132,7 @@ class KronBlock:
     groups: int
     out: int
     size: int
+    transposed: bool = False  # the leaf is stored (in, out) and applied as x @ W: the block is W.T
 
 
 @dataclass(frozen=True, eq=False)
@@ -179,10 +180,16 @@ class Kron(Precision):
         parts = [None] * len(self.sizes)
         for i, b in enumerate(self.blocks):
             start = offsets[b.leaf]
-            m = R[:, start : start + self.sizes[b.leaf]].reshape(-1, b.groups, b.out, b.size)
+            m = R[:, start : start + self.sizes[b.leaf]]
+            if b.transposed:  # ravel order of W (in, out); the block's matrices are W.T's
+                m = m.reshape(-1, b.size, b.out).mT
+            m = m.reshape(-1, b.groups, b.out, b.size)
             qg, qa = self.grad_bases[i], self.input_bases[i]
             scale = torch.pow(f * self._lam(i) + self._d(delta, b.leaf), power)
-            parts[b.leaf] = (qg @ ((qg.mT @ m @ qa) * scale) @ qa.mT).reshape(R.shape[0], -1)
+            out = qg @ ((qg.mT @ m @ qa) * scale) @ qa.mT
+            if b.transposed:
+                out = out.reshape(-1, b.out, b.size).mT
+            parts[b.leaf] = out.reshape(R.shape[0], -1)
         for leaf in self.uncovered:
             start = offsets[leaf]
             part = R[:, start : start + self.sizes[leaf]]
