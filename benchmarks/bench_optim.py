@@ -183,7 +183,30 @@ def train_hessfunc_compiled(name, opt, cstep, lam, X, order, budget) -> tuple[Ru
     return run, first
 
 
-def train_kfac_jax(X, order, budget, damping) -> tuple[Run, float] | None:
+def train_kfac_jax(
+    X, order, budget, damping, *, mirror: bool = False, stats: list | None = None
+) -> tuple[Run, float] | None:
+    """kfac-jax's ``Optimizer`` on the same model, initialisation, batches and loss.
+
+    The weights enter as ``h @ w + b`` with ``w`` stored ``(in, out)`` (the transpose of the
+    torch initialisation, the same function): kfac-jax's graph matcher recognises a dense
+    layer only in that form; with ``h @ w.T`` it finds no layer and falls back to diagonal
+    blocks for every weight and bias (no K-FAC at all). The loss is registered as sigmoid
+    cross-entropy on the logits with weight 1/64: kfac-jax divides the registered sum by the
+    batch size, so the registered loss is the per-pixel mean the torch runs minimise.
+
+    ``mirror=False`` configures it as kfac-jax's own deep-autoencoder example
+    (``examples/autoencoder_mnist/pipeline.py``), with its loss-scaled constants divided by the
+    64 pixels our per-pixel mean divides by: ``l2_reg`` 1e-5/64, curvature EMA 0.95, inverses
+    (pi-adjusted factored damping) every 5 steps, damping adapted every 5 steps by 0.95^5 within
+    [1e-5/64, 1000/64], 5 burn-in curvature passes (over the first 5 batches, before step 1),
+    its default curvature estimator (``ggn_curvature_prop``). ``mirror=True`` sets what
+    ``hessfunc.optim.kfac`` does instead: exact inverses (Tikhonov damping applied in the
+    eigenbasis), damping adapted every step by 19/20 within [1e-8, 1e8], one-sample
+    Monte-Carlo Fisher (``fisher_gradients``), no burn-in, inverses every 5 steps, EMA 0.95.
+
+    ``stats``, if given, receives kfac-jax's statistics of every step (floats).
+    """
     try:
         import jax
         import jax.numpy as jnp
@@ -191,66 +214,100 @@ def train_kfac_jax(X, order, budget, damping) -> tuple[Run, float] | None:
     except ImportError:
         return None
     jax.config.update("jax_enable_x64", False)
-    params = {k: jnp.asarray(v.numpy()) for k, v in init_params().items()}
+    params = {k: jnp.asarray((v.T if k[0] == "w" else v).numpy()) for k, v in init_params().items()}
     last = len(SIZES) - 2
+    pixels = SIZES[-1]
+    l2 = 1e-5 / pixels
 
     def forward(p, x):
         h = x
         for i in range(last + 1):
-            h = h @ p[f"w{i}"].T + p[f"b{i}"]
+            h = h @ p[f"w{i}"] + p[f"b{i}"]
             if i != last and i != 2:
                 h = jnp.tanh(h)
         return h
 
     def loss_fn(p, batch):
         logits = forward(p, batch)
-        # per-pixel mean, as the torch runs: the registered loss carries the same 1/64
-        kfac_jax.register_sigmoid_cross_entropy_loss(logits, batch, weight=1.0 / SIZES[-1])
+        kfac_jax.register_sigmoid_cross_entropy_loss(logits, batch, weight=1.0 / pixels)
         ce = jnp.logaddexp(0.0, logits) - batch * logits
-        return ce.mean()
+        return ce.mean() + 0.5 * l2 * sum(jnp.vdot(x, x) for x in jax.tree_util.tree_leaves(p))
 
-    opt = kfac_jax.Optimizer(
+    common_settings = dict(
         value_and_grad_func=jax.value_and_grad(loss_fn),
-        l2_reg=0.0,
+        l2_reg=l2,
         use_adaptive_learning_rate=True,
         use_adaptive_momentum=True,
         use_adaptive_damping=True,
         initial_damping=damping,
+        curvature_ema=0.95,
+        inverse_update_period=5,
         multi_device=False,
-        num_burnin_steps=0,
+        include_registered_loss_in_stats=True,
     )
-    Xj = jnp.asarray(X.numpy())
-    rng = jax.random.PRNGKey(SEED)
-    # warm-up on a throwaway state: jit compiles each kind of step (plain, inversion,
-    # damping adaptation) once; the timed run below reuses the compiled functions
-    t0 = time.perf_counter()
-    state = opt.init(params, rng, Xj[jnp.asarray(order[0].numpy())])
-    warm = jax.tree_util.tree_map(jnp.copy, params)  # the steps donate their inputs
-    for t, idx in enumerate(order[:12]):
-        warm, state, _ = opt.step(
-            warm, state, rng, batch=Xj[jnp.asarray(idx.numpy())], global_step_int=t
+    if mirror:
+        settings = dict(
+            use_exact_inverses=True,
+            estimation_mode="fisher_gradients",
+            damping_adaptation_interval=1,
+            damping_adaptation_decay=19.0 / 20.0,
+            min_damping=1e-8,
+            max_damping=1e8,
+            num_burnin_steps=0,
         )
-    jax.block_until_ready(warm)
+    else:
+        settings = dict(
+            damping_adaptation_interval=5,
+            damping_adaptation_decay=0.95,
+            min_damping=1e-5 / pixels,
+            max_damping=1000.0 / pixels,
+            num_burnin_steps=5,
+        )
+    burnin = settings["num_burnin_steps"]
+    opt = kfac_jax.Optimizer(**common_settings, **settings)
+    Xj = jnp.asarray(X.numpy())
+
+    def batch(idx):
+        return Xj[jnp.asarray(idx.numpy())]
+
+    def first_batches():  # the burn-in batches, then step 1's batch
+        return iter([batch(idx) for idx in order[:burnin]] + [batch(order[0])])
+
+    def run_steps(p, state, rng, steps, on_step=None):
+        for t, idx in enumerate(order[:steps], 1):
+            rng, key = jax.random.split(rng)
+            t0 = time.perf_counter()
+            if t == 1 and burnin:
+                p, state, st = opt.step(p, state, key, data_iterator=first_batches(),
+                                        global_step_int=0)  # fmt: skip
+            else:
+                p, state, st = opt.step(p, state, key, batch=batch(idx), global_step_int=t - 1)
+            jax.block_until_ready(p)
+            if on_step is not None and on_step(t, p, st, time.perf_counter() - t0):
+                break
+        return p, state
+
+    # warm-up on a throwaway state: jit compiles each kind of step (first step with burn-in,
+    # inversion, damping adaptation) once; the timed run below reuses the compiled functions
+    t0 = time.perf_counter()
+    rng = jax.random.PRNGKey(SEED)
+    warm = jax.tree_util.tree_map(jnp.copy, params)  # the steps donate their inputs
+    run_steps(warm, opt.init(warm, rng, batch(order[0])), rng, 12)
     compile_s = time.perf_counter() - t0
-    state = opt.init(params, rng, Xj[jnp.asarray(order[0].numpy())])
-    run = Run("kfac-jax", f"initial damping {damping}")
 
-    def whole(p, x):
-        logits = forward(p, x)
-        return (jnp.logaddexp(0.0, logits) - x * logits).mean()
-
-    full = jax.jit(whole)
+    what = "mirroring hessfunc's settings" if mirror else "as its autoencoder example"
+    run = Run(f"kfac-jax ({what})", f"initial damping {damping}")
+    full = jax.jit(lambda p, x: (jnp.logaddexp(0.0, forward(p, x)) - x * forward(p, x)).mean())
     run.log(0, float(full(params, Xj)))
-    for t, idx in enumerate(order[:budget], 1):
-        xb = Xj[jnp.asarray(idx.numpy())]
-        rng, key = jax.random.split(rng)
-        t0 = time.perf_counter()
-        params, state, _ = opt.step(params, state, key, batch=xb, global_step_int=t - 1)
-        jax.block_until_ready(params)
-        dt = time.perf_counter() - t0
+
+    def on_step(t, p, st, dt):
         run.step_times.append(dt)
-        if t % EVAL == 0 and run.log(t, float(full(params, Xj))):
-            break
+        if stats is not None:
+            stats.append({k: float(v) for k, v in st.items() if jnp.ndim(v) == 0})
+        return t % EVAL == 0 and run.log(t, float(full(p, Xj)))
+
+    state = opt.init(params, rng, batch(order[0]))
+    _, state = run_steps(params, state, rng, budget, on_step)
     run.state_bytes = sum(
         x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state) if hasattr(x, "dtype")
     )
