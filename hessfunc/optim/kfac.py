@@ -59,7 +59,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
-from torch.func import grad_and_value
+from torch.func import vjp
 
 from .._base import _checks, _context, _tree
 from .._base._types import PyTree
@@ -166,12 +166,13 @@ def kfac(
         would.
 
     Cost:
-        Per step one gradient, two forward passes with one tangent each (the quadratic
-        model), one more forward pass with ``adapt_damping``, the factor collection of
-        :func:`hessfunc.kfac` on refreshing steps only (eager and compiled) and per block
-        four small matrix products; on inversion steps two symmetric eigendecompositions per
-        block. Memory: per block :math:`\bar A, \bar G` and their eigenvectors, plus one copy
-        of the parameters.
+        Per step one gradient (a forward and a backward pass) whose pullback, transposed, also
+        gives the quadratic model's two Jacobian-vector products (two more backward-sized
+        passes, no new forward pass), one more forward pass with ``adapt_damping``, the
+        factor collection of :func:`hessfunc.kfac` on refreshing steps only (eager and
+        compiled) and per block four small matrix products; on inversion steps two symmetric
+        eigendecompositions per block. Memory: per block :math:`\bar A, \bar G` and their
+        eigenvectors, plus one copy of the parameters.
 
     Example:
         On linear least squares K-FAC is the Hessian, so one undamped step with ``lr=1`` is
@@ -348,8 +349,11 @@ def kfac(
         eig_a = list(zip(va, qa, strict=True))
         eig_g = list(zip(vg, qg, strict=True))
 
-        # 3. gradient and preconditioned direction
-        grads, value = grad_and_value(lambda q: loss(model_fn(q, *batch)))(params)
+        # 3. gradient and preconditioned direction; the forward pass's pullback also gives the
+        # quadratic model's Jacobian-vector products (step 4)
+        out, pullback = vjp(lambda q: model_fn(q, *batch), params)
+        value, loss_pullback = vjp(loss, out)
+        grads = pullback(loss_pullback(torch.ones_like(value))[0])[0]
         h0 = value
         if weight_decay:
             grads = _tree.axpy(weight_decay, params, grads)
@@ -360,8 +364,8 @@ def kfac(
 
         # 4. exact quadratic model along (direction, previous update)
         chosen = quadratic_step(
-            model_fn, loss, params, batch, grads, direction, inner["velocity"], lam,
-            weight_decay, lr, momentum,
+            out, pullback, loss, grads, direction, inner["velocity"], lam, weight_decay, lr,
+            momentum,
         )  # fmt: skip
         new_params = _tree.add(params, chosen.update)
 
