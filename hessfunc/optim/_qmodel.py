@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 from torch.func import vjp
 
-from .._base import _tree
+from .._base import _context, _tree
 from .._base._types import PyTree
 from ..losses import Loss
 
@@ -118,8 +118,11 @@ def quadratic_step(
     # leaves (seen on the 6-layer autoencoder of benchmarks/bench_optim.py; no upstream report
     # found, same family as pytorch#146536). tests/test_optim_kfac.py::
     # test_compiled_autoencoder_state (--full) compares the compiled state with eager's.
-    _, transposed = vjp(lambda u: pullback(u)[0], torch.zeros_like(out))
-    jd, jp = transposed(direction)[0], transposed(prev)[0]
+    # The pullback must come from a forward pass run under _context.second_order_kernels: the
+    # fused attention kernels have no differentiable backward (pytorch#117629, #128971).
+    with _context.second_order_kernels():
+        _, transposed = vjp(lambda u: pullback(u)[0], torch.zeros_like(out))
+        jd, jp = transposed(direction)[0], transposed(prev)[0]
     hd, hp = loss.hvp(out, jd), loss.hvp(out, jp)
     c11 = (jd * hd).sum() + weight_decay * _tree.vdot(direction, direction)
     c12 = (jd * hp).sum() + weight_decay * _tree.vdot(direction, prev)

@@ -350,10 +350,12 @@ def kfac(
         eig_g = list(zip(vg, qg, strict=True))
 
         # 3. gradient and preconditioned direction; the forward pass's pullback also gives the
-        # quadratic model's Jacobian-vector products (step 4)
-        out, pullback = vjp(lambda q: model_fn(q, *batch), params)
-        value, loss_pullback = vjp(loss, out)
-        grads = pullback(loss_pullback(torch.ones_like(value))[0])[0]
+        # quadratic model's Jacobian-vector products (step 4), a second derivative: kernels
+        # with right double backwards (math attention, composite norms; see _context)
+        with _context.second_order_kernels():
+            out, pullback = vjp(lambda q: model_fn(q, *batch), params)
+            value, loss_pullback = vjp(loss, out)
+            grads = pullback(loss_pullback(torch.ones_like(value))[0])[0]
         h0 = value
         if weight_decay:
             grads = _tree.axpy(weight_decay, params, grads)
