@@ -167,9 +167,12 @@ def train_hessfunc(name, opt, X, order, budget, mc: bool) -> Run:
     return run
 
 
-def train_hessfunc_compiled(name, opt, cstep, lam, X, order, budget) -> tuple[Run, float]:
+def train_hessfunc_compiled(
+    name, opt, cstep, lam, X, order, budget, clock=time.perf_counter
+) -> tuple[Run, float]:
     """The first step eager (it finds the layers), then one compiled graph for every step
-    (``update_every=1``: every step refreshes, so the graph without the refresh never runs)."""
+    (``update_every=1``: every step refreshes, so the graph without the refresh never runs).
+    ``clock`` times the steps (``time.process_time``: CPU time, steadier on a shared machine)."""
     p = init_params()
     state = opt.init(p)
     inner = state["kfac"]
@@ -181,9 +184,9 @@ def train_hessfunc_compiled(name, opt, cstep, lam, X, order, budget) -> tuple[Ru
     for t, idx in enumerate(order[:budget], 1):
         xb = X[idx]
         noise = torch.rand((1, *xb.shape), generator=g)
-        t0 = time.perf_counter()
+        t0 = clock()
         p, state, info = (opt.step if t == 1 else cstep)(p, state, xb, noise=noise)
-        dt = time.perf_counter() - t0
+        dt = clock() - t0
         if t == 2:
             first = dt  # compilation included: kept out of the step times
         else:
@@ -194,7 +197,38 @@ def train_hessfunc_compiled(name, opt, cstep, lam, X, order, budget) -> tuple[Ru
     return run, first
 
 
-def train_kfac_jax(X, order, budget, damping) -> tuple[Run, float] | None:
+def train_kfac_jax(
+    X,
+    order,
+    budget,
+    damping,
+    *,
+    mirror: bool = False,
+    stats: list | None = None,
+    clock=time.perf_counter,
+) -> tuple[Run, float] | None:
+    """kfac-jax's ``Optimizer`` on the same model, initialisation, batches and loss.
+
+    The weights enter as ``h @ w + b`` with ``w`` stored ``(in, out)`` (the transpose of the
+    torch initialisation, the same function): kfac-jax's graph matcher recognises a dense
+    layer only in that form; with ``h @ w.T`` it finds no layer and falls back to diagonal
+    blocks for every weight and bias (no K-FAC at all). The loss is registered as sigmoid
+    cross-entropy on the logits with weight 1/64: kfac-jax divides the registered sum by the
+    batch size, so the registered loss is the per-pixel mean the torch runs minimise.
+
+    ``mirror=False`` configures it as kfac-jax's own deep-autoencoder example
+    (``examples/autoencoder_mnist/pipeline.py``), with its loss-scaled constants divided by the
+    64 pixels our per-pixel mean divides by: ``l2_reg`` 1e-5/64, curvature EMA 0.95, inverses
+    (pi-adjusted factored damping) every 5 steps, damping adapted every 5 steps by 0.95^5 within
+    [1e-5/64, 1000/64], 5 burn-in curvature passes (over the first 5 batches, before step 1),
+    its default curvature estimator (``ggn_curvature_prop``). ``mirror=True`` sets what
+    ``hessfunc.optim.kfac`` does instead: exact inverses (Tikhonov damping applied in the
+    eigenbasis), damping adapted every step by 19/20 within [1e-8, 1e8], one-sample
+    Monte-Carlo Fisher (``fisher_gradients``), no burn-in, inverses every 5 steps, EMA 0.95.
+
+    ``stats``, if given, receives kfac-jax's statistics of every step (floats); ``clock``
+    times the steps.
+    """
     try:
         import jax
         import jax.numpy as jnp
@@ -202,70 +236,273 @@ def train_kfac_jax(X, order, budget, damping) -> tuple[Run, float] | None:
     except ImportError:
         return None
     jax.config.update("jax_enable_x64", False)
-    params = {k: jnp.asarray(v.numpy()) for k, v in init_params().items()}
+    params = {k: jnp.asarray((v.T if k[0] == "w" else v).numpy()) for k, v in init_params().items()}
     last = len(SIZES) - 2
+    pixels = SIZES[-1]
+    l2 = 1e-5 / pixels
 
     def forward(p, x):
         h = x
         for i in range(last + 1):
-            h = h @ p[f"w{i}"].T + p[f"b{i}"]
+            h = h @ p[f"w{i}"] + p[f"b{i}"]
             if i != last and i != 2:
                 h = jnp.tanh(h)
         return h
 
     def loss_fn(p, batch):
         logits = forward(p, batch)
-        # per-pixel mean, as the torch runs: the registered loss carries the same 1/64
-        kfac_jax.register_sigmoid_cross_entropy_loss(logits, batch, weight=1.0 / SIZES[-1])
+        kfac_jax.register_sigmoid_cross_entropy_loss(logits, batch, weight=1.0 / pixels)
         ce = jnp.logaddexp(0.0, logits) - batch * logits
-        return ce.mean()
+        return ce.mean() + 0.5 * l2 * sum(jnp.vdot(x, x) for x in jax.tree_util.tree_leaves(p))
 
-    opt = kfac_jax.Optimizer(
+    common_settings = dict(
         value_and_grad_func=jax.value_and_grad(loss_fn),
-        l2_reg=0.0,
+        l2_reg=l2,
         use_adaptive_learning_rate=True,
         use_adaptive_momentum=True,
         use_adaptive_damping=True,
         initial_damping=damping,
+        curvature_ema=0.95,
+        inverse_update_period=5,
         multi_device=False,
-        num_burnin_steps=0,
     )
-    Xj = jnp.asarray(X.numpy())
-    rng = jax.random.PRNGKey(SEED)
-    # warm-up on a throwaway state: jit compiles each kind of step (plain, inversion,
-    # damping adaptation) once; the timed run below reuses the compiled functions
-    t0 = time.perf_counter()
-    state = opt.init(params, rng, Xj[jnp.asarray(order[0].numpy())])
-    warm = jax.tree_util.tree_map(jnp.copy, params)  # the steps donate their inputs
-    for t, idx in enumerate(order[:12]):
-        warm, state, _ = opt.step(
-            warm, state, rng, batch=Xj[jnp.asarray(idx.numpy())], global_step_int=t
+    if mirror:
+        settings = dict(
+            use_exact_inverses=True,
+            estimation_mode="fisher_gradients",
+            damping_adaptation_interval=1,
+            damping_adaptation_decay=19.0 / 20.0,
+            min_damping=1e-8,
+            max_damping=1e8,
+            num_burnin_steps=0,
         )
-    jax.block_until_ready(warm)
+    else:
+        settings = dict(
+            damping_adaptation_interval=5,
+            damping_adaptation_decay=0.95,
+            min_damping=1e-5 / pixels,
+            max_damping=1000.0 / pixels,
+            num_burnin_steps=5,
+        )
+    burnin = settings["num_burnin_steps"]
+    opt = kfac_jax.Optimizer(**common_settings, **settings)
+    Xj = jnp.asarray(X.numpy())
+
+    def batch(idx):
+        return Xj[jnp.asarray(idx.numpy())]
+
+    def first_batches():  # the burn-in batches, then step 1's batch
+        return iter([batch(idx) for idx in order[:burnin]] + [batch(order[0])])
+
+    def run_steps(p, state, rng, steps, on_step=None):
+        for t, idx in enumerate(order[:steps], 1):
+            rng, key = jax.random.split(rng)
+            t0 = clock()
+            if t == 1 and burnin:
+                p, state, st = opt.step(p, state, key, data_iterator=first_batches(),
+                                        global_step_int=0)  # fmt: skip
+            else:
+                p, state, st = opt.step(p, state, key, batch=batch(idx), global_step_int=t - 1)
+            jax.block_until_ready(p)
+            if on_step is not None and on_step(t, p, st, clock() - t0):
+                break
+        return p, state
+
+    # warm-up on a throwaway state: jit compiles each kind of step (first step with burn-in,
+    # inversion, damping adaptation) once; the timed run below reuses the compiled functions
+    t0 = time.perf_counter()
+    rng = jax.random.PRNGKey(SEED)
+    warm = jax.tree_util.tree_map(jnp.copy, params)  # the steps donate their inputs
+    run_steps(warm, opt.init(warm, rng, batch(order[0])), rng, 12)
     compile_s = time.perf_counter() - t0
-    state = opt.init(params, rng, Xj[jnp.asarray(order[0].numpy())])
-    run = Run("kfac-jax", f"initial damping {damping}")
 
-    def whole(p, x):
-        logits = forward(p, x)
-        return (jnp.logaddexp(0.0, logits) - x * logits).mean()
-
-    full = jax.jit(whole)
+    what = "mirroring hessfunc's settings" if mirror else "as its autoencoder example"
+    run = Run(f"kfac-jax ({what})", f"initial damping {damping}")
+    full = jax.jit(lambda p, x: (jnp.logaddexp(0.0, forward(p, x)) - x * forward(p, x)).mean())
     run.log(0, float(full(params, Xj)))
-    for t, idx in enumerate(order[:budget], 1):
-        xb = Xj[jnp.asarray(idx.numpy())]
-        rng, key = jax.random.split(rng)
-        t0 = time.perf_counter()
-        params, state, _ = opt.step(params, state, key, batch=xb, global_step_int=t - 1)
-        jax.block_until_ready(params)
-        dt = time.perf_counter() - t0
+
+    def on_step(t, p, st, dt):
         run.step_times.append(dt)
-        if t % EVAL == 0 and run.log(t, float(full(params, Xj))):
-            break
+        if stats is not None:
+            stats.append({k: float(v) for k, v in st.items() if jnp.ndim(v) == 0})
+        return t % EVAL == 0 and run.log(t, float(full(p, Xj)))
+
+    state = opt.init(params, rng, batch(order[0]))
+    _, state = run_steps(params, state, rng, budget, on_step)
     run.state_bytes = sum(
         x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state) if hasattr(x, "dtype")
     )
     return run, compile_s
+
+
+def kfac_jax_agreement(X, order, steps: int = 3) -> dict[str, float] | None:
+    """The largest relative differences between kfac-jax and ``hessfunc.optim.kfac`` over the
+    first ``steps`` steps, float64, with every choice made identical: exact (type-2) GGN
+    factors of the batch alone (EMA 0), exact inverses every step, damping 1e-3 adapted every
+    step by 19/20, the same batches. Checks that kfac-jax sees the same loss (value and
+    registration), curvature, quadratic model and update as hessfunc."""
+    try:
+        import jax
+        import jax.numpy as jnp
+        import kfac_jax
+        import numpy as np
+    except ImportError:
+        return None
+    jax.config.update("jax_enable_x64", True)
+    try:
+        f64 = torch.float64
+        X64 = X.to(f64)
+        p = {k: v.to(f64) for k, v in init_params().items()}
+        jp = {k: jnp.asarray((v.T if k[0] == "w" else v).numpy()) for k, v in p.items()}
+        last = len(SIZES) - 2
+
+        def loss_fn(q, x):
+            h = x
+            for i in range(last + 1):
+                h = h @ q[f"w{i}"] + q[f"b{i}"]
+                if i != last and i != 2:
+                    h = jnp.tanh(h)
+            kfac_jax.register_sigmoid_cross_entropy_loss(h, x, weight=1.0 / SIZES[-1])
+            return (jnp.logaddexp(0.0, h) - x * h).mean()
+
+        jopt = kfac_jax.Optimizer(
+            value_and_grad_func=jax.value_and_grad(loss_fn), l2_reg=0.0,
+            use_adaptive_learning_rate=True, use_adaptive_momentum=True,
+            use_adaptive_damping=True, initial_damping=1e-3, multi_device=False,
+            num_burnin_steps=0, include_registered_loss_in_stats=True,
+            estimation_mode="ggn_exact", use_exact_inverses=True,
+            damping_adaptation_interval=1, damping_adaptation_decay=19.0 / 20.0,
+            curvature_ema=0.0, inverse_update_period=1,
+        )  # fmt: skip
+        hopt = hessfunc.optim.kfac(
+            model, BCEWithLogitsLoss, damping=1e-3, fisher="type-2", ema=0.0, invert_every=1
+        )
+        rng = jax.random.PRNGKey(SEED)
+        Xj = jnp.asarray(X64.numpy())
+        jstate, hstate = jopt.init(jp, rng, Xj[jnp.asarray(order[0].numpy())]), hopt.init(p)
+        worst = dict.fromkeys(("loss", "registered loss", "lr", "momentum", "predicted",
+                               "rho", "damping", "params"), 0.0)  # fmt: skip
+
+        def rel(a, b):
+            return abs(a - b) / max(abs(b), 1e-300)
+
+        for t in range(steps):
+            idx = order[t]
+            jp, jstate, st = jopt.step(
+                jp, jstate, rng, batch=Xj[jnp.asarray(idx.numpy())], global_step_int=t
+            )
+            p, hstate, info = hopt.step(p, hstate, X64[idx])
+            pairs = {
+                "loss": (float(st["loss"]), info.loss.item()),
+                "registered loss": (float(st["loss_registered"]), info.loss.item()),
+                "lr": (float(st["learning_rate"]), info.lr.item()),
+                "momentum": (float(st["momentum"]), info.momentum.item()),
+                "predicted": (float(st["quad_model_change"]), info.predicted.item()),
+                "rho": (float(st["rho"]), info.rho.item()),
+                "damping": (float(jstate.damping), hstate["kfac"]["damping"].item()),
+            }
+            for k, (a, b) in pairs.items():
+                worst[k] = max(worst[k], 0.0 if a == b else rel(a, b))
+            for k, v in p.items():
+                mine = (v.T if k[0] == "w" else v).numpy()
+                diff = np.abs(np.asarray(jp[k]) - mine).max() / np.abs(mine).max()
+                worst["params"] = max(worst["params"], float(diff))
+        return worst
+    finally:
+        jax.config.update("jax_enable_x64", False)
+
+
+def kfac_against_kfac_jax(threads: int, record: bool, quick: bool) -> None:
+    """``hessfunc.optim.kfac`` compiled against kfac-jax, both K-FAC with adaptive step size,
+    momentum and damping, on the same problem, over the same grid of initial damping.
+
+    Three configurations: hessfunc with the settings kfac-jax's autoencoder example shares
+    (curvature EMA 0.95, inverses every 5 steps, every step a new factor estimate, the same
+    L2 term), kfac-jax as its example, and kfac-jax mirroring hessfunc (see
+    :func:`train_kfac_jax`). Step times are CPU time (``time.process_time``) of one thread:
+    on a machine shared with other work, wall-clock times of runs taken one after another are
+    not comparable, CPU time of a single-threaded process is.
+    """
+    start = time.perf_counter()
+    X = digits()
+    budget = 60 if quick else 400
+    order = batch_order(len(X), budget)
+    grid = [1e-3] if quick else [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+    agree = kfac_jax_agreement(X, order)
+    if agree is None:
+        print("kfac-jax comparison: jax / kfac_jax not importable, skipped")
+        return
+    l2 = 1e-5 / SIZES[-1]
+    name = "hessfunc K-FAC compiled"
+    opt = hessfunc.optim.kfac(
+        model, BCEWithLogitsLoss, fisher="mc", ema=0.95, invert_every=5, weight_decay=l2
+    )
+    cstep = torch.compile(opt.step, fullgraph=True)
+    methods = {
+        name: lambda lam: train_hessfunc_compiled(
+            name, opt, cstep, lam, X, order, budget, clock=time.process_time
+        ),
+        "kfac-jax, as its example": lambda lam: train_kfac_jax(
+            X, order, budget, lam, clock=time.process_time
+        ),
+        "kfac-jax, mirroring hessfunc": lambda lam: train_kfac_jax(
+            X, order, budget, lam, mirror=True, clock=time.process_time
+        ),
+    }
+    rows, lines = [], []
+    for method, fn in methods.items():
+        runs = []
+        for lam in grid:
+            r, compile_s = fn(lam)
+            r.setting = f"{lam:g}"
+            runs.append(r)
+            lines.append(
+                f"{method}, initial damping {lam:g}: "
+                + (f"target at step {r.reached}" if r.reached else "target not reached")
+                + f", final {r.curve[-1][2]:.4f}, {1e3 * r.per_step:.2f} ms/step"
+                + f" (compilation {compile_s:.1f} s)"
+            )
+            print(lines[-1], flush=True)
+        b = best(runs)
+        reached = [r.reached for r in runs]
+        rows.append([
+            method,
+            b.setting,
+            b.reached if b.reached is not None else f"not in {budget}",
+            ", ".join("-" if x is None else str(x) for x in reached),
+            f"{b.curve[-1][2]:.4f}",
+            1e3 * b.per_step,
+            1e3 * sum(b.step_times[1:]) / max(len(b.step_times) - 1, 1),
+            1e3 * sorted(r.per_step for r in runs)[len(runs) // 2],
+        ])  # fmt: skip
+    ours = rows[0][7]
+    for row in rows:
+        row.append(ours / row[7])
+    header = [
+        "method", "best initial damping", "steps to target (best)",
+        "steps to target over the grid " + ", ".join(f"{x:g}" for x in grid),
+        "final train loss (best)", "CPU ms / step, median (best)",
+        "CPU ms / step, mean (best)", "CPU ms / step, median (median over grid)",
+        "hessfunc's step time / this one's",
+    ]  # fmt: skip
+    body = (
+        f"Machine: {common.machine('cpu')}, {threads} thread(s), shared with other users; "
+        "times are CPU time per step of the single-threaded process (median over the steps of "
+        "a run).\n\nThe digits autoencoder of this script (float32, batch "
+        f"{BATCH}, target {TARGET} checked every {EVAL} steps, budget {budget} steps, the same "
+        "initialisation and batches). Float64 agreement over the first 3 steps with every "
+        "choice identical (exact GGN factors of the batch, exact inverses, damping adapted "
+        "every step), largest relative difference: "
+        + ", ".join(f"{k} {v:.1e}" for k, v in agree.items())
+        + ".\n\n"
+        + common.table(header, rows)
+        + "\n\n"
+        + "\n".join(f"- {x}" for x in lines)
+        + f"\n\nWhole run: {time.perf_counter() - start:.0f} s."
+    )
+    print(body)
+    if record:
+        common.record("bench_optim.py: K-FAC against kfac-jax", body)
 
 
 def best(runs: list[Run]) -> Run:
@@ -587,12 +824,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--record", action="store_true")
     ap.add_argument("--quick", action="store_true", help="a smoke test: one grid point, short runs")
+    ap.add_argument("--kfac-jax", action="store_true", help="only K-FAC against kfac-jax")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     os.environ.setdefault(
         "XLA_FLAGS",
         f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={a.threads}",
     )
+    if a.kfac_jax:
+        kfac_against_kfac_jax(a.threads, a.record, a.quick)
+        return
     tasks = ["autoencoder", "cnn", "charlm"] if a.task == "all" else [a.task]
     for task in tasks:
         body = autoencoder(a) if task == "autoencoder" else other_task(a, task)

@@ -375,3 +375,58 @@ def test_compiled_autoencoder_state():
         pc, sc, _ = cstep(pc, sc, X, noise=u)
     for a, b in zip(leaves((pe, se)), leaves((pc, sc)), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.full
+def test_same_steps_as_kfac_jax_when_every_choice_matches():
+    # kfac-jax (a peer, when installed) with exact GGN factors of the batch, exact inverses and
+    # the damping adapted every step by 19/20 takes the steps hessfunc takes: loss, step size,
+    # momentum, predicted change, reduction ratio, damping and parameters, three steps, float64
+    jax = pytest.importorskip("jax")
+    kfac_jax = pytest.importorskip("kfac_jax")
+    jnp = jax.numpy
+    p, X, Y = mlp_problem()
+    data = [(X, Y), *batches(2)]
+    old = jax.config.read("jax_enable_x64")
+    jax.config.update("jax_enable_x64", True)
+    try:
+        # kfac-jax finds a dense layer only as h @ w + b, so its weights are ours transposed
+        jp = {k: jnp.asarray((v.T if k[0] == "w" else v).numpy()) for k, v in p.items()}
+
+        def loss_fn(q, batch):
+            x, y = batch
+            h = jnp.tanh(x @ q["w1"] + q["b1"])
+            z = h @ q["w2"] + q["b2"]
+            # per-element mean: registered with weight 1 / outputs (kfac-jax divides by rows)
+            kfac_jax.register_sigmoid_cross_entropy_loss(z, y, weight=1.0 / z.shape[-1])
+            return (jnp.logaddexp(0.0, z) - y * z).mean()
+
+        jopt = kfac_jax.Optimizer(
+            value_and_grad_func=jax.value_and_grad(loss_fn), l2_reg=0.0,
+            use_adaptive_learning_rate=True, use_adaptive_momentum=True,
+            use_adaptive_damping=True, initial_damping=0.1, multi_device=False,
+            num_burnin_steps=0, estimation_mode="ggn_exact", use_exact_inverses=True,
+            damping_adaptation_interval=1, damping_adaptation_decay=0.95, curvature_ema=0.0,
+            inverse_update_period=1,
+        )  # fmt: skip
+        opt = hessfunc.optim.kfac(mlp, bce, damping=0.1, fisher="type-2", ema=0.0, invert_every=1)
+        rng = jax.random.PRNGKey(0)
+        as_jax = [tuple(jnp.asarray(t.numpy()) for t in b) for b in data]
+        js, s = jopt.init(jp, rng, as_jax[0]), opt.init(p)
+        for t, (b, jb) in enumerate(zip(data, as_jax, strict=True)):
+            jp, js, st = jopt.step(jp, js, rng, batch=jb, global_step_int=t)
+            p, s, info = opt.step(p, s, *b)
+            theirs = [st["loss"], st["learning_rate"], st["momentum"], st["quad_model_change"],
+                      st["rho"], js.damping]  # fmt: skip
+            ours = [info.loss, info.lr, info.momentum, info.predicted, info.rho,
+                    s["kfac"]["damping"]]  # fmt: skip
+            torch.testing.assert_close(
+                torch.tensor([float(x) for x in theirs], dtype=F64), torch.stack(ours),
+                **tol("exact", F64),
+            )  # fmt: skip
+            for k, v in p.items():
+                w = torch.from_numpy(jax.device_get(jp[k]).copy())
+                torch.testing.assert_close(w.T if k[0] == "w" else w, v, **tol("exact", F64))
+        assert abs(info.momentum.item()) > 1e-3  # the 2x2 model was really used
+    finally:
+        jax.config.update("jax_enable_x64", old)

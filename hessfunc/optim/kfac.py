@@ -33,6 +33,10 @@ loss plus ``weight_decay`` :math:`\eta` (an L2 term of the objective):
    Grosse 2015, section 6.5), clamped to :math:`[10^{-8}, 10^{8}]`. It costs one more forward
    pass (the loss at :math:`\theta + d` on the same batch).
 
+The pieces live beside this module, one object each: the running factors and their
+preconditioner in :mod:`hessfunc.optim._kfac_factors`, the quadratic model in
+:mod:`hessfunc.optim._qmodel`, the damping rule in :mod:`hessfunc.optim._lm`.
+
 The optimizer follows the conventions of :mod:`hessfunc.optim._base`: the state is a nested
 dict of tensors (``torch.load(weights_only=True)`` restores it), ``step.update_every`` is
 ``update_every`` and the step takes ``refresh=`` (a Python bool: rebuild the factors on this
@@ -55,7 +59,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
-from torch.func import grad_and_value, jvp
+from torch.func import vjp
 
 from .._base import _checks, _context, _tree
 from .._base._types import PyTree
@@ -64,16 +68,15 @@ from ..kron._kron import FISHERS, Fisher
 from ..kron._layers import Layout, Recorder, plan
 from ..kron.kfac import factor_sums
 from ..losses import Loss
-from . import _base
+from . import _base, _kfac_factors
+from ._kfac_factors import FACTORS as _FACTORS
+from ._lm import lm_damping, reduction_ratio
+from ._qmodel import quadratic_step
 
 __all__ = ["KFACInfo", "kfac"]
 
 _NAME = "kfac"
-_FACTORS = ("A", "G", "A_values", "A_vectors", "G_values", "G_vectors")
 _FIELDS = ("count", "damping", "velocity", *_FACTORS)
-
-_OMEGA = 19.0 / 20.0
-_MIN_DAMPING, _MAX_DAMPING = 1e-8, 1e8
 
 
 class KFACInfo(NamedTuple):
@@ -106,101 +109,6 @@ def _number(where: str, name: str, value: Any, *, allow_none: bool, low: float, 
 def _positive_int(where: str, name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{where}: {name} must be an int >= 1 (1: every step), got {value!r}.")
-
-
-def _empty(like: torch.Tensor) -> torch.Tensor:
-    """The placeholder of a leaf that holds no factor (shape ``(0,)``)."""
-    return torch.zeros(0, dtype=like.dtype, device=like.device)
-
-
-def _slots(layout: Layout) -> dict[int, list[int]]:
-    """Per parameter leaf, the blocks whose factors it stores.
-
-    A block's weight leaf, else its bias leaf; the experts of a stacked leaf share it,
-    concatenated along the group axis.
-    """
-    slots: dict[int, list[int]] = {}
-    for i, b in enumerate(layout.blocks):
-        slots.setdefault(b.weight if b.weight is not None else b.bias, []).append(i)
-    return slots
-
-
-def _pack(params: PyTree, layout: Layout, per_block: list[torch.Tensor]) -> PyTree:
-    """Per-block tensors as a tree shaped like ``params`` (placeholders elsewhere)."""
-    leaves = _tree.tree_leaves(params)
-    slots = _slots(layout)
-    out = [
-        torch.cat([per_block[i] for i in slots[j]]) if j in slots else _empty(x)
-        for j, x in enumerate(leaves)
-    ]
-    return _tree.tree_unflatten(_tree.tree_structure(params), out)
-
-
-def _unpack(tree: PyTree, layout: Layout) -> list[torch.Tensor]:
-    """The inverse of :func:`_pack`: per block its tensor."""
-    leaves = _tree.tree_leaves(tree)
-    per_block: list[Any] = [None] * len(layout.blocks)
-    for j, idx in _slots(layout).items():
-        parts = torch.split(leaves[j], [layout.blocks[i].groups for i in idx])
-        for i, part in zip(idx, parts, strict=True):
-            per_block[i] = part
-    return per_block
-
-
-def lm_damping(damping: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
-    r"""The Levenberg-Marquardt update of the damping for a reduction ratio ``rho``.
-
-    Args:
-        damping: the current :math:`\lambda` (0-d tensor).
-        rho: the reduction ratio; NaN counts as a failed step.
-
-    Returns:
-        :math:`\omega\lambda` if :math:`\rho > 3/4`, :math:`\lambda/\omega` if :math:`\rho < 1/4`
-        or NaN, else :math:`\lambda`; :math:`\omega = 19/20`, clamped to :math:`[10^{-8},
-        10^8]`.
-
-    Example:
-        >>> import torch
-        >>> from hessfunc.optim.kfac import lm_damping
-        >>> lm_damping(torch.tensor(1.0), torch.tensor(0.9)).item()
-        0.95
-    """
-    up = (rho < 0.25) | torch.isnan(rho)
-    new = torch.where(rho > 0.75, damping * _OMEGA, torch.where(up, damping / _OMEGA, damping))
-    return new.clamp(_MIN_DAMPING, _MAX_DAMPING)
-
-
-def _precondition(layout, eig_a, eig_g, g: PyTree, lam: torch.Tensor) -> PyTree:
-    r""":math:`(\bar G \otimes \bar A + \lambda I)^{-1} g` per block, :math:`g / \lambda` else."""
-
-    def block(i: int, m: torch.Tensor) -> torch.Tensor:
-        la, qa = eig_a[i]
-        lg, qg = eig_g[i]
-        denom = lg.unsqueeze(-1) * la.unsqueeze(-2) + lam
-        return qg @ ((qg.mT @ m @ qa) / denom) @ qa.mT
-
-    return _kron.blockwise("hessfunc.optim.kfac", layout, g, "g", block, lambda x: x / lam)
-
-
-def _solve_2x2(m11, m12, m22, b1, b2, lr, momentum):
-    """Minimise ``a b1 + u b2 + (a^2 m11 + 2 a u m12 + u^2 m22) / 2`` over the free ones."""
-    # m22 = 0 exactly when the previous update is zero (first step): then u = 0.
-    safe22 = torch.where(m22 > 0, m22, torch.ones_like(m22))
-    if lr is None and momentum is None:
-        det = m11 * safe22 - m12 * m12
-        a = (-b1 * safe22 + m12 * b2) / det
-        u = (-b2 * m11 + m12 * b1) / det
-        a = torch.where(m22 > 0, a, -b1 / m11)
-        u = torch.where(m22 > 0, u, torch.zeros_like(u))
-        return a, u
-    if lr is None:
-        u = torch.full_like(m11, momentum)
-        return -(b1 + u * m12) / m11, u
-    a = torch.full_like(m11, lr)
-    if momentum is None:
-        u = torch.where(m22 > 0, -(b2 + a * m12) / safe22, torch.zeros_like(m22))
-        return a, u
-    return a, torch.full_like(m11, momentum)
 
 
 def kfac(
@@ -258,12 +166,13 @@ def kfac(
         would.
 
     Cost:
-        Per step one gradient, two forward passes with one tangent each (the quadratic
-        model), one more forward pass with ``adapt_damping``, the factor collection of
-        :func:`hessfunc.kfac` on refreshing steps only (eager and compiled) and per block
-        four small matrix products; on inversion steps two symmetric eigendecompositions per
-        block. Memory: per block :math:`\bar A, \bar G` and their eigenvectors, plus one copy
-        of the parameters.
+        Per step one gradient (a forward and a backward pass) whose pullback, transposed, also
+        gives the quadratic model's two Jacobian-vector products (two more backward-sized
+        passes, no new forward pass), one more forward pass with ``adapt_damping``, the
+        factor collection of :func:`hessfunc.kfac` on refreshing steps only (eager and
+        compiled) and per block four small matrix products; on inversion steps two symmetric
+        eigendecompositions per block. Memory: per block :math:`\bar A, \bar G` and their
+        eigenvectors, plus one copy of the parameters.
 
     Example:
         On linear least squares K-FAC is the Hessian, so one undamped step with ``lr=1`` is
@@ -310,7 +219,7 @@ def kfac(
     def init(params: PyTree) -> dict[str, dict[str, Any]]:
         """A fresh state: no factors yet (the first step finds the layers), zero velocity."""
         _checks.check_params(where_init, params)
-        empty = _tree.tree_map(_empty, params)
+        empty = _tree.tree_map(_kfac_factors.empty, params)
         return {
             _NAME: {
                 "count": _base.counter(params),
@@ -421,110 +330,66 @@ def kfac(
                 f"{step_where}: no leaf of params is the weight or bias of a layer inside "
                 "model_fn, so there is nothing to factor; K-FAC needs layer weights."
             )
-        slots = _slots(layout)
+        factors = _kfac_factors
         if not first:
-            for j, x in enumerate(_tree.tree_leaves(inner["A"])):
-                want = (
-                    sum(layout.blocks[i].groups for i in slots[j]) if j in slots else 0,
-                    layout.blocks[slots[j][0]].size if j in slots else None,
-                )
-                got = (x.shape[0], x.shape[-1] if j in slots and x.dim() == 3 else None)
-                if x.dim() not in (1, 3) or got != want:
-                    raise ValueError(
-                        f"{step_where}: the state's factors do not match the layers of model_fn "
-                        "(another model or structure); call init(params) for this model."
-                    )
-            A_old, G_old = _unpack(inner["A"], layout), _unpack(inner["G"], layout)
+            factors.check_layout(step_where, inner["A"], layout)
+            A_old, G_old = factors.unpack(inner["A"], layout), factors.unpack(inner["G"], layout)
         if first:
             K = factor_sums(p)[0]
             A, G = list(K.A), list(K.G)
         elif update:
             K = factor_sums(p)[0]
-            A = [o + (1.0 - ema) * (n - o) for o, n in zip(A_old, K.A, strict=True)]
-            G = [o + (1.0 - ema) * (n - o) for o, n in zip(G_old, K.G, strict=True)]
+            A, G = factors.average(A_old, K.A, ema), factors.average(G_old, K.G, ema)
         else:
             A, G = A_old, G_old
 
         # 2. inversion every invert_every steps (a torch.cond on the step count)
-        def invert(A, G, *_):  # noqa: N803
-            ea = [torch.linalg.eigh(a) for a in A]
-            eg = [torch.linalg.eigh(g) for g in G]
-            return (
-                [x.contiguous() for x, _ in ea], [q.contiguous() for _, q in ea],
-                [x.contiguous() for x, _ in eg], [q.contiguous() for _, q in eg],
-            )  # fmt: skip
-
-        def keep(A, G, va, qa, vg, qg):  # noqa: N803
-            return (
-                [x.clone() for x in va],
-                [x.clone() for x in qa],
-                [x.clone() for x in vg],
-                [x.clone() for x in qg],
-            )
-
-        if first:
-            va, qa, vg, qg = invert(A, G)
-        else:
-            old = [_unpack(inner[k], layout) for k in _FACTORS[2:]]
-            va, qa, vg, qg = torch.cond(count % invert_every == 0, invert, keep, (A, G, *old))
+        old = None if first else [factors.unpack(inner[k], layout) for k in _FACTORS[2:]]
+        va, qa, vg, qg = factors.eigen(A, G, old, None if first else count % invert_every == 0)
         eig_a = list(zip(va, qa, strict=True))
         eig_g = list(zip(vg, qg, strict=True))
 
-        # 3. gradient and preconditioned direction
-        grads, value = grad_and_value(lambda q: loss(model_fn(q, *batch)))(params)
+        # 3. gradient and preconditioned direction; the forward pass's pullback also gives the
+        # quadratic model's Jacobian-vector products (step 4), a second derivative: kernels
+        # with right double backwards (math attention, composite norms; see _context)
+        with _context.second_order_kernels():
+            out, pullback = vjp(lambda q: model_fn(q, *batch), params)
+            value, loss_pullback = vjp(loss, out)
+            grads = pullback(loss_pullback(torch.ones_like(value))[0])[0]
         h0 = value
         if weight_decay:
             grads = _tree.axpy(weight_decay, params, grads)
             h0 = value + 0.5 * weight_decay * _tree.vdot(params, params)
         shift = lam + weight_decay
-        direction = _tree.scale(-1.0, _precondition(layout, eig_a, eig_g, grads, shift))
+        solved = factors.precondition("hessfunc.optim.kfac", layout, eig_a, eig_g, grads, shift)
+        direction = _tree.scale(-1.0, solved)
 
         # 4. exact quadratic model along (direction, previous update)
-        prev = inner["velocity"]
-        # Two jvp calls, not one vmap over the stacked directions: on torch 2.13 (CPU inductor)
-        # the vmapped form compiled to a step whose returned update was silently wrong for
-        # some leaves while the new parameters were right (seen on the 6-layer autoencoder of
-        # benchmarks/bench_optim.py; no upstream report found, same family as pytorch#146536).
-        # tests/test_optim_kfac.py::test_compiled_autoencoder_state (--full) guards it.
-        out, jd = jvp(lambda q: model_fn(q, *batch), (params,), (direction,))
-        _, jp = jvp(lambda q: model_fn(q, *batch), (params,), (prev,))
-        hd, hp = loss.hvp(out, jd), loss.hvp(out, jp)
-        c11 = (jd * hd).sum() + weight_decay * _tree.vdot(direction, direction)
-        c12 = (jd * hp).sum() + weight_decay * _tree.vdot(direction, prev)
-        c22 = (jp * hp).sum() + weight_decay * _tree.vdot(prev, prev)
-        n11, n12 = _tree.vdot(direction, direction), _tree.vdot(direction, prev)
-        n22 = _tree.vdot(prev, prev)
-        b1, b2 = _tree.vdot(grads, direction), _tree.vdot(grads, prev)
-        alpha, mu = _solve_2x2(
-            c11 + lam * n11, c12 + lam * n12, c22 + lam * n22, b1, b2, lr, momentum
-        )
-        update_vec = _tree.tree_map(lambda d, v: alpha * d + mu * v, direction, prev)
-        new_params = _tree.add(params, update_vec)
-        predicted = (
-            alpha * b1 + mu * b2
-            + 0.5 * (alpha * alpha * c11 + 2 * alpha * mu * c12 + mu * mu * c22)
+        chosen = quadratic_step(
+            out, pullback, loss, grads, direction, inner["velocity"], lam, weight_decay, lr,
+            momentum,
         )  # fmt: skip
+        new_params = _tree.add(params, chosen.update)
 
         # 5. Levenberg-Marquardt damping from the reduction ratio
         if adapt_damping:
-            h1 = objective(new_params, batch, loss)
-            safe = torch.where(predicted < 0, predicted, -torch.ones_like(predicted))
-            rho = torch.where(predicted < 0, (h1 - h0) / safe, torch.full_like(h0, torch.nan))
+            rho = reduction_ratio(h0, objective(new_params, batch, loss), chosen.predicted)
             new_lam = lm_damping(lam, rho)
         else:
             rho = torch.full_like(h0, torch.nan)
             new_lam = lam
 
         packed = {
-            key: _pack(params, layout, vals)
+            key: factors.pack(params, layout, vals)
             for key, vals in zip(_FACTORS, (A, G, va, qa, vg, qg), strict=True)
         }
         new_state = {
-            _NAME: {"count": count + 1, "damping": new_lam, "velocity": update_vec, **packed}
+            _NAME: {"count": count + 1, "damping": new_lam, "velocity": chosen.update, **packed}
         }
         info = KFACInfo(
-            loss=value.detach(), damping=lam, lr=alpha, momentum=mu, rho=rho, predicted=predicted
-        )
+            loss=value.detach(), damping=lam, lr=chosen.lr, momentum=chosen.momentum, rho=rho,
+            predicted=chosen.predicted,
+        )  # fmt: skip
         return new_params, new_state, info
 
     marked = _base.mark(
