@@ -184,3 +184,36 @@ def test_compiled_kfac_predictive_equals_eager_and_does_not_recompile():
         want = output_gaussian(post, (chunk,), None, jacobians=True)
         torch.testing.assert_close(mean, want.mean, **EXACT)
         torch.testing.assert_close(var, want.variance, **EXACT)
+
+
+def test_stacked_experts_get_one_block_per_slice_and_the_prior_on_unused_slices():
+    # w[e] of a stacked (E, out, in) leaf: one K-FAC block per expert that runs; expert 2 never
+    # runs, so its slice has H = 0. Reference: hessfunc.kfac's dense matrix plus the prior.
+    g = torch.Generator().manual_seed(5)
+    X, y = torch.randn(16, 3, generator=g), torch.randint(0, 4, (16,), generator=g)
+    p = {"w": torch.randn(3, 5, 3, generator=g), "b": torch.randn(3, 5, generator=g),
+         "V": torch.randn(4, 5, generator=g)}  # fmt: skip
+
+    def model(p, X, *rest):
+        h = F.linear(X, p["w"][0], p["b"][0]) + torch.tanh(F.linear(X, p["w"][1], p["b"][1]))
+        return F.linear(torch.tanh(h), p["V"])
+
+    post = fit(model, lambda X, y: CrossEntropyLoss(y), p, [(X, y)], structure="kfac",
+               prior_precision=0.7)  # fmt: skip
+    # leaves w, b, V; the sliced biases are uncovered (H = 0 there, as in hessfunc.kfac)
+    assert [(b.leaf, b.expert) for b in post.curvature.blocks] == [(0, 0), (0, 1), (2, None)]
+    K = hessfunc.kfac(model, CrossEntropyLoss(y, reduction="sum"), p, X, separate_bias=True)
+    n = sum(v.numel() for v in p.values())
+    P = K.dense() + 0.7 * torch.eye(n)
+    f = torch.tensor(1.0, dtype=torch.float64)
+    logdet, _ = post.curvature.logdet(f, post.prior)
+    torch.testing.assert_close(logdet, torch.logdet(P), **EXACT)
+    eye = torch.eye(n)
+    torch.testing.assert_close(post.curvature.cov_rows(eye, f, post.prior), torch.linalg.inv(P),
+                               **EXACT)  # fmt: skip
+    S = post.curvature.sqrt_rows(eye, f, post.prior)
+    torch.testing.assert_close(S.T @ S, torch.linalg.inv(P), **EXACT)
+    new, old = _both(post, X[:5])
+    torch.testing.assert_close(new, old, **SAME)
+    J = post.problem.jacobians((X[:5],))
+    torch.testing.assert_close(new, J @ torch.linalg.solve(P, J.mT), **EXACT)

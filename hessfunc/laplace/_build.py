@@ -109,7 +109,9 @@ def _kron(problem: _problem.Problem) -> Kron:
     for block, A, G in zip(K.layout.blocks, K.A, K.G, strict=True):
         leaf = block.weight if block.weight is not None else block.bias
         blocks.append(
-            KronBlock(leaf, block.groups, block.out_features, block.size, block.transposed)
+            KronBlock(
+                leaf, block.groups, block.out_features, block.size, block.transposed, block.expert
+            )
         )
         la, qa = torch.linalg.eigh(A)
         lg, qg = torch.linalg.eigh(G * scale)

@@ -167,10 +167,10 @@ def _leaf_gram(J: Tensor, w: Tensor) -> Tensor:
 def _kron_matches(kron: Kron, lay: Layers) -> bool:
     got = tuple(
         (b.weight if b.weight is not None else b.bias, b.groups, b.out_features, b.size,
-         b.transposed)
+         b.transposed, b.expert)
         for b in lay.layout.blocks
     )  # fmt: skip
-    want = tuple((b.leaf, b.groups, b.out, b.size, b.transposed) for b in kron.blocks)
+    want = tuple((b.leaf, b.groups, b.out, b.size, b.transposed, b.expert) for b in kron.blocks)
     return got == want and tuple(kron.uncovered) == lay.uncovered
 
 

@@ -133,6 +133,12 @@ class KronBlock:
     out: int
     size: int
     transposed: bool = False  # the leaf is stored (in, out) and applied as x @ W: the block is W.T
+    expert: int | None = None  # a stacked (E, ...) leaf: the block covers the slice leaf[expert]
+
+    @property
+    def length(self) -> int:
+        """Entries of the leaf the block covers."""
+        return self.groups * self.out * self.size
 
 
 @dataclass(frozen=True, eq=False)
@@ -141,7 +147,8 @@ class Kron(Precision):
 
     Block :math:`G \otimes A = (Q_G \otimes Q_A)(\lambda_G \otimes \lambda_A)(Q_G \otimes
     Q_A)^\top`, so :math:`\log\det(f\, G \otimes A + \delta I) = \sum \log(f \lambda_{G,i}
-    \lambda_{A,j} + \delta)`. Leaves no block covers have :math:`H = 0` there.
+    \lambda_{A,j} + \delta)`. Leaves no block covers have :math:`H = 0` there, and so have the
+    slices of a stacked expert leaf (``w[e]``, one block per expert) that no expert block covers.
     """
 
     blocks: tuple[KronBlock, ...]
@@ -168,19 +175,22 @@ class Kron(Precision):
     @override
     def logdet(self, f: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
         value = 0.0
+        rest = list(self.sizes)  # entries of each leaf no block covers: H = 0 there
         for i, b in enumerate(self.blocks):
             value = value + torch.log(f * self._lam(i) + self._d(delta, b.leaf)).sum()
-        for leaf in self.uncovered:
-            value = value + self.sizes[leaf] * torch.log(self._d(delta, leaf))
+            rest[b.leaf] -= b.length
+        for leaf, count in enumerate(rest):
+            if count:
+                value = value + count * torch.log(self._d(delta, leaf))
         value = torch.as_tensor(value, dtype=f.dtype)
         return value, _zero(value)
 
     def _apply(self, R: Tensor, f: Tensor, delta: Tensor, power: float) -> Tensor:
         offsets = self._offsets()
-        parts = [None] * len(self.sizes)
+        pieces: dict[int, Tensor] = {}  # start column -> the block's rows there
         for i, b in enumerate(self.blocks):
-            start = offsets[b.leaf]
-            m = R[:, start : start + self.sizes[b.leaf]]
+            start = offsets[b.leaf] + (b.expert or 0) * b.length
+            m = R[:, start : start + b.length]
             if b.transposed:  # ravel order of W (in, out); the block's matrices are W.T's
                 m = m.reshape(-1, b.size, b.out).mT
             m = m.reshape(-1, b.groups, b.out, b.size)
@@ -189,11 +199,15 @@ class Kron(Precision):
             out = qg @ ((qg.mT @ m @ qa) * scale) @ qa.mT
             if b.transposed:
                 out = out.reshape(-1, b.out, b.size).mT
-            parts[b.leaf] = out.reshape(R.shape[0], -1)
-        for leaf in self.uncovered:
-            start = offsets[leaf]
-            part = R[:, start : start + self.sizes[leaf]]
-            parts[leaf] = part * torch.pow(self._d(delta, leaf), power)
+            pieces[start] = out.reshape(R.shape[0], -1)
+        parts, at = [], 0
+        for leaf, (first, size) in enumerate(zip(offsets, self.sizes, strict=True)):
+            starts = sorted(k for k in pieces if first <= k < first + size)
+            for start, piece in [(k, pieces[k]) for k in starts] + [(first + size, None)]:
+                if start > at:  # entries no block covers: the prior alone
+                    parts.append(R[:, at:start] * torch.pow(self._d(delta, leaf), power))
+                parts += [] if piece is None else [piece]
+                at = start + (0 if piece is None else piece.shape[1])
         return torch.cat(parts, dim=1)
 
     @override
