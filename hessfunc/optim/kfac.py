@@ -68,7 +68,7 @@ from ..kron._kron import FISHERS, Fisher
 from ..kron._layers import Layout, Recorder, plan
 from ..kron.kfac import factor_sums
 from ..losses import Loss
-from . import _base, _kfac_factors
+from . import _base, _kfac_diag, _kfac_factors
 from ._kfac_factors import FACTORS as _FACTORS
 from ._lm import lm_damping, reduction_ratio
 from ._qmodel import quadratic_step
@@ -76,7 +76,7 @@ from ._qmodel import quadratic_step
 __all__ = ["KFACInfo", "kfac"]
 
 _NAME = "kfac"
-_FIELDS = ("count", "damping", "velocity", *_FACTORS)
+_FIELDS = ("count", "damping", "velocity", "diag", *_FACTORS)
 
 
 class KFACInfo(NamedTuple):
@@ -225,6 +225,7 @@ def kfac(
                 "count": _base.counter(params),
                 "damping": _base.scalar(params, float(damping)),
                 "velocity": _tree.zeros_like(params),
+                "diag": empty,
                 **{name: empty for name in _FACTORS},
             }
         }
@@ -243,7 +244,7 @@ def kfac(
             view = {_NAME: {key: inner[key] for key in ("count", "damping", "velocity")}}
         _base.check_state(step_where, _NAME, view, params, ("velocity",), ("count", "damping"))
         spec = _tree.tree_structure(params)
-        for key in _FACTORS:
+        for key in ("diag", *_FACTORS):
             if _tree.tree_structure(inner[key]) != spec:
                 raise ValueError(
                     f"{step_where}: state[{_NAME!r}][{key!r}] does not have the structure of "
@@ -306,21 +307,46 @@ def kfac(
         update = _base.should_refresh(step_where, refresh, count, update_every)
         first = all(x.numel() == 0 for x in _tree.tree_leaves(inner["A"]))
         collect = first or update
-        if fisher != "mc" and (generator is not None or noise is not None):
+        if fisher == "empirical" and (generator is not None or noise is not None):
             raise ValueError(
-                f"{step_where}: generator and noise are only used with fisher='mc'; got "
-                f"fisher={fisher!r}."
+                f"{step_where}: generator and noise are only used with fisher='mc' or "
+                "'type-2' (the labels of the uncovered leaves' diagonal); got "
+                "fisher='empirical'."
             )
         if fisher == "mc" and collect:  # steps that keep the factors draw nothing
             _kron.check(
                 step_where, model_fn, loss, params, fisher, generator, noise, 1, False, None
             )
+        elif fisher == "type-2" and collect and (generator is not None or noise is not None):
+            _base.check_random(step_where, True, generator, noise, "fisher='type-2'")
+
+        # the gradient; the forward pass's pullback also gives the quadratic model's
+        # Jacobian-vector products (step 4) and the uncovered leaves' diagonal estimate, a
+        # second derivative: kernels with right double backwards (math attention, composite
+        # norms; see _context)
+        with _context.second_order_kernels():
+            out, pullback = vjp(lambda q: model_fn(q, *batch), params)
+            value, loss_pullback = vjp(loss, out)
+            loss_grads = pullback(loss_pullback(torch.ones_like(value))[0])[0]
+        # the uniform draws of a refreshing step: the factor build's labels ("mc") and the
+        # uncovered leaves' diagonal estimate share them (the same numbers kron.collect draws)
+        if fisher != "empirical" and collect and noise is None and generator is not None:
+            shape = (1, *loss.noise_shape(out))
+            noise = torch.rand(shape, generator=generator, dtype=out.dtype, device=generator.device)
+            noise = noise.to(out.device)
+        if noise is not None and tuple(noise.shape) != (1, *loss.noise_shape(out)):
+            raise ValueError(
+                f"{step_where}: noise has shape {tuple(noise.shape)}; expected (1, "
+                f"*loss_fn(*batch).noise_shape(outputs)) = {(1, *loss.noise_shape(out))}, as "
+                "step.draw_noise(...) makes it."
+            )
 
         # 1. the layers, and on refreshing steps the batch's factors folded into the averages
         if collect:
             p = _kron.collect(
-                step_where, model_fn, loss, params, batch, fisher=fisher, generator=generator,
-                noise=noise, mc_samples=1, separate_bias=False, chunk_size=None,
+                step_where, model_fn, loss, params, batch, fisher=fisher, generator=None,
+                noise=noise if fisher == "mc" else None, mc_samples=1, separate_bias=False,
+                chunk_size=None,
             )  # fmt: skip
             layout = p.layout
         else:
@@ -330,9 +356,19 @@ def kfac(
                 f"{step_where}: no leaf of params is the weight or bias of a layer inside "
                 "model_fn, so there is nothing to factor; K-FAC needs layer weights."
             )
+        idx = _kfac_diag.uncovered(layout)
         factors = _kfac_factors
         if not first:
             factors.check_layout(step_where, inner["A"], layout)
+            _kfac_diag.check(step_where, inner["diag"], params, idx)
+        if fisher == "type-2" and collect and idx and noise is None:
+            raise ValueError(
+                f"{step_where}: leaves no layer covers ({', '.join(layout.uncovered_paths)}) "
+                "get a diagonal curvature estimated at labels drawn from the model: pass "
+                "generator=torch.Generator().manual_seed(...) or noise=step.draw_noise(params, "
+                "state, *batch, generator=g) on refreshing steps."
+            )
+        if not first:
             A_old, G_old = factors.unpack(inner["A"], layout), factors.unpack(inner["G"], layout)
         if first:
             K = factor_sums(p)[0]
@@ -342,6 +378,14 @@ def kfac(
             A, G = factors.average(A_old, K.A, ema), factors.average(G_old, K.G, ema)
         else:
             A, G = A_old, G_old
+        # the uncovered leaves' diagonal, on the same steps and with the same ema
+        estimate = None
+        if collect and idx:
+            with _context.second_order_kernels():
+                estimate = _kfac_diag.estimate(
+                    step_where, fisher, loss, out, pullback, loss_grads, noise, idx
+                )
+        diag = _kfac_diag.average(params, None if first else inner["diag"], estimate, idx, ema)
 
         # 2. inversion every invert_every steps (a torch.cond on the step count)
         old = None if first else [factors.unpack(inner[k], layout) for k in _FACTORS[2:]]
@@ -349,19 +393,14 @@ def kfac(
         eig_a = list(zip(va, qa, strict=True))
         eig_g = list(zip(vg, qg, strict=True))
 
-        # 3. gradient and preconditioned direction; the forward pass's pullback also gives the
-        # quadratic model's Jacobian-vector products (step 4), a second derivative: kernels
-        # with right double backwards (math attention, composite norms; see _context)
-        with _context.second_order_kernels():
-            out, pullback = vjp(lambda q: model_fn(q, *batch), params)
-            value, loss_pullback = vjp(loss, out)
-            grads = pullback(loss_pullback(torch.ones_like(value))[0])[0]
-        h0 = value
+        # 3. preconditioned direction: K-FAC on the blocks, the damped diagonal elsewhere
+        grads, h0 = loss_grads, value
         if weight_decay:
             grads = _tree.axpy(weight_decay, params, grads)
             h0 = value + 0.5 * weight_decay * _tree.vdot(params, params)
         shift = lam + weight_decay
         solved = factors.precondition("hessfunc.optim.kfac", layout, eig_a, eig_g, grads, shift)
+        solved = _kfac_diag.apply(solved, grads, diag, idx, shift)
         direction = _tree.scale(-1.0, solved)
 
         # 4. exact quadratic model along (direction, previous update)
@@ -384,7 +423,10 @@ def kfac(
             for key, vals in zip(_FACTORS, (A, G, va, qa, vg, qg), strict=True)
         }
         new_state = {
-            _NAME: {"count": count + 1, "damping": new_lam, "velocity": chosen.update, **packed}
+            _NAME: {
+                "count": count + 1, "damping": new_lam, "velocity": chosen.update, "diag": diag,
+                **packed,
+            }
         }
         info = KFACInfo(
             loss=value.detach(), damping=lam, lr=chosen.lr, momentum=chosen.momentum, rho=rho,
@@ -393,6 +435,6 @@ def kfac(
         return new_params, new_state, info
 
     marked = _base.mark(
-        step, update_every=update_every, draw_noise=draw_noise if fisher == "mc" else None
+        step, update_every=update_every, draw_noise=draw_noise if fisher != "empirical" else None
     )
     return _base.Optimizer(init, marked)
