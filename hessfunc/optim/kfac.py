@@ -70,12 +70,13 @@ from ..kron.kfac import factor_sums
 from ..losses import Loss
 from . import _base, _kfac_diag, _kfac_factors
 from ._kfac_factors import FACTORS as _FACTORS
-from ._lm import lm_damping, reduction_ratio
+from ._lm import MAX_DAMPING, lm_damping, reduction_ratio
 from ._qmodel import quadratic_step
 
 __all__ = ["KFACInfo", "kfac"]
 
 _NAME = "kfac"
+_REJECT = 2.0  # the damping's extra factor after an undone step
 _FIELDS = ("count", "damping", "velocity", "diag", *_FACTORS)
 
 
@@ -94,6 +95,8 @@ class KFACInfo(NamedTuple):
     """Reduction ratio (actual over predicted decrease); NaN without ``adapt_damping``."""
     predicted: torch.Tensor
     r"""The undamped quadratic model's change :math:`q_0(d)` (negative: a predicted decrease)."""
+    rejected: torch.Tensor
+    """Whether the step was undone (``reject_steps``; always false without it)."""
 
 
 def _number(where: str, name: str, value: Any, *, allow_none: bool, low: float, strict: bool):
@@ -124,6 +127,7 @@ def kfac(
     ema: float = 0.95,
     fisher: Fisher = "type-2",
     weight_decay: float = 0.0,
+    reject_steps: bool = True,
 ) -> _base.Optimizer:
     r"""K-FAC optimizer with step size and momentum from the exact quadratic model.
 
@@ -151,6 +155,11 @@ def kfac(
             ``"mc"`` takes ``generator`` or ``noise`` in ``step``.
         weight_decay: :math:`\eta \ge 0`, an L2 term :math:`\tfrac{\eta}{2}\lVert\theta
             \rVert^2` added to the objective (and to the curvature).
+        reject_steps: undo a step that raised the batch objective (or made it NaN): the
+            parameters and the previous update stay as they were and the damping, after the
+            Levenberg-Marquardt rule, doubles (within :math:`[10^{-8}, 10^8]`). Traced as
+            ``torch.where`` on the update, so it compiles; it costs the forward pass that
+            ``adapt_damping`` already runs (one more without it).
 
     Returns:
         An :class:`~hessfunc.optim.Optimizer` ``(init, step)``: ``init(params) -> state``;
@@ -208,6 +217,8 @@ def kfac(
         raise ValueError(f"{where}: ema must be < 1 (the weight of the old factors), got {ema}.")
     _positive_int(where, "update_every", update_every)
     _positive_int(where, "invert_every", invert_every)
+    if not isinstance(reject_steps, bool):
+        raise TypeError(f"{where}: reject_steps must be a bool, got {reject_steps!r}.")
     if not isinstance(adapt_damping, bool):
         raise TypeError(f"{where}: adapt_damping must be a bool, got {adapt_damping!r}.")
     if fisher not in FISHERS:
@@ -411,12 +422,26 @@ def kfac(
         new_params = _tree.add(params, chosen.update)
 
         # 5. Levenberg-Marquardt damping from the reduction ratio
+        if adapt_damping or reject_steps:
+            h1 = objective(new_params, batch, loss)
         if adapt_damping:
-            rho = reduction_ratio(h0, objective(new_params, batch, loss), chosen.predicted)
+            rho = reduction_ratio(h0, h1, chosen.predicted)
             new_lam = lm_damping(lam, rho)
         else:
             rho = torch.full_like(h0, torch.nan)
             new_lam = lam
+        velocity = chosen.update
+        if reject_steps:  # a step that raised the batch objective (or gave NaN) is undone
+            rejected = torch.isnan(h1) | (h1 > h0)
+            new_params = _tree.tree_map(
+                lambda new, old: torch.where(rejected, old, new), new_params, params
+            )
+            velocity = _tree.tree_map(
+                lambda new, old: torch.where(rejected, old, new), velocity, inner["velocity"]
+            )
+            new_lam = torch.where(rejected, new_lam * _REJECT, new_lam).clamp(max=MAX_DAMPING)
+        else:
+            rejected = torch.zeros_like(h0, dtype=torch.bool)
 
         packed = {
             key: factors.pack(params, layout, vals)
@@ -424,13 +449,13 @@ def kfac(
         }
         new_state = {
             _NAME: {
-                "count": count + 1, "damping": new_lam, "velocity": chosen.update, "diag": diag,
+                "count": count + 1, "damping": new_lam, "velocity": velocity, "diag": diag,
                 **packed,
             }
         }
         info = KFACInfo(
             loss=value.detach(), damping=lam, lr=chosen.lr, momentum=chosen.momentum, rho=rho,
-            predicted=chosen.predicted,
+            predicted=chosen.predicted, rejected=rejected,
         )  # fmt: skip
         return new_params, new_state, info
 
