@@ -804,7 +804,7 @@ def other_task(a, task: str) -> str:
         f"(Hessian refresh every 10 steps) and AdaHessian (every {spec['ada_every']}) {b['diag']}"
         + (f", Hessian-free {b['hf']}" if spec["hf"] else "")
         + f". K-FAC covers {len(coverage.covered)} of {len(p0)} leaves; the others get a "
-        "damped gradient step: "
+        "damped diagonal (running Gauss-Newton-Bartlett estimate): "
         + (", ".join(f"`{path}`" for path, _ in coverage.uncovered) or "none")
         + ".\n\n"
         + common.table(header("final val loss"), rows)
@@ -829,8 +829,11 @@ def main() -> None:
     ap.add_argument("--record", action="store_true")
     ap.add_argument("--quick", action="store_true", help="a smoke test: one grid point, short runs")
     ap.add_argument("--kfac-jax", action="store_true", help="only K-FAC against kfac-jax")
-    ap.add_argument("--only", default="", help="--task cnn|charlm: only the methods whose name "
-                    "contains this text (e.g. K-FAC)")
+    ap.add_argument(
+        "--only",
+        default="",
+        help="--task cnn|charlm: only the methods whose name contains this text (e.g. K-FAC)",
+    )
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     os.environ.setdefault(

@@ -288,7 +288,6 @@ def test_rejected_step_keeps_params_and_velocity():
     assert not info.rejected.item() and not torch.equal(new["w"], p["w"])
 
 
-
 def test_params_and_state_not_modified():
     p, X, Y = mlp_problem()
     opt = hessfunc.optim.kfac(mlp, bce)

@@ -49,7 +49,9 @@ def uncovered(layout: Layout) -> tuple[int, ...]:
 
 def check(where: str, stored: PyTree, params: PyTree, idx: tuple[int, ...]) -> None:
     """Raise if the stored diagonal tree was made for other uncovered leaves than ``idx``."""
-    for j, (d, x) in enumerate(zip(_tree.tree_leaves(stored), _tree.tree_leaves(params))):
+    for j, (d, x) in enumerate(
+        zip(_tree.tree_leaves(stored), _tree.tree_leaves(params), strict=True)
+    ):
         want = tuple(x.shape) if j in idx else (0,)
         if tuple(d.shape) != want:
             raise ValueError(

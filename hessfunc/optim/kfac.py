@@ -13,9 +13,16 @@ loss plus ``weight_decay`` :math:`\eta` (an L2 term of the objective):
    eigenbasis (the :meth:`hessfunc.KFAC.solve` ``"exact"`` method, not the factored
    ``"pi"`` one); the eigendecompositions do not depend on :math:`\lambda`, so a new damping
    takes effect at once, without a new inversion. Leaves no block covers
-   (:attr:`hessfunc.KFAC.uncovered`: embeddings, normalisation scales, ...) get the same rule
-   with :math:`K = 0` there: :math:`\Delta = -g / (\lambda + \eta)`, a damped gradient step
-   whose length the quadratic model below then sets;
+   (:attr:`hessfunc.KFAC.uncovered`: embeddings, normalisation scales, ...) get a diagonal
+   block instead: :math:`\Delta_u = -g_u / (\bar d_u + \lambda + \eta)`, with :math:`\bar d`
+   a running average (the same ``ema``, refreshed on the same steps as the factors) of an
+   unbiased estimate of the curvature's diagonal on those leaves: the Gauss-Newton-Bartlett
+   estimate :math:`\hat g \odot \hat g / c` (:func:`hessfunc.gnb_diag`: the gradient at labels
+   drawn from the model, squared, over the loss's reduction factor :math:`c`) for ``"type-2"``
+   and ``"mc"`` (``"mc"`` reuses the factor build's draws; ``"type-2"`` then needs
+   ``generator`` or ``noise`` on refreshing steps), the squared batch gradient over :math:`c`
+   for ``"empirical"`` (:mod:`hessfunc.optim._kfac_diag`); the quadratic model below still
+   sets the step length;
 4. the update :math:`d = \alpha \Delta + \mu \delta`, :math:`\delta` the previous update. With
    ``lr=None`` and ``momentum=None``, :math:`(\alpha, \mu)` minimise the damped quadratic model
 
@@ -31,17 +38,24 @@ loss plus ``weight_decay`` :math:`\eta` (an L2 term of the objective):
    model (:math:`\lambda = 0`), multiplies :math:`\lambda` by :math:`\omega = 19/20` when
    :math:`\rho > 3/4` and divides it by :math:`\omega` when :math:`\rho < 1/4` (Martens &
    Grosse 2015, section 6.5), clamped to :math:`[10^{-8}, 10^{8}]`. It costs one more forward
-   pass (the loss at :math:`\theta + d` on the same batch).
+   pass (the loss at :math:`\theta + d` on the same batch);
+6. with ``reject_steps`` (default), a step that raised the batch objective, :math:`h(\theta +
+   d) > h(\theta)` or NaN, is undone (as kfac-jax's ``use_step_rejection``): the parameters and
+   the previous update stay, and the damping, after the rule of 5., is doubled (so a run that
+   left the model's region of trust gets back into it within a few steps instead of the tens
+   that :math:`1/\omega` per step takes). ``torch.where`` on the update: no branch, it compiles.
 
 The pieces live beside this module, one object each: the running factors and their
-preconditioner in :mod:`hessfunc.optim._kfac_factors`, the quadratic model in
+preconditioner in :mod:`hessfunc.optim._kfac_factors`, the diagonal of the uncovered leaves in
+:mod:`hessfunc.optim._kfac_diag`, the quadratic model in
 :mod:`hessfunc.optim._qmodel`, the damping rule in :mod:`hessfunc.optim._lm`.
 
 The optimizer follows the conventions of :mod:`hessfunc.optim._base`: the state is a nested
 dict of tensors (``torch.load(weights_only=True)`` restores it), ``step.update_every`` is
 ``update_every`` and the step takes ``refresh=`` (a Python bool: rebuild the factors on this
-step; ``None`` reads the state's counter, eagerly), and with ``fisher="mc"``
-``step.draw_noise(params, state, *batch, generator=)`` draws what a refreshing step would.
+step; ``None`` reads the state's counter, eagerly), and with ``fisher="mc"`` or ``"type-2"``
+``step.draw_noise(params, state, *batch, generator=)`` draws what a refreshing step would (one
+uniform draw per output element: the labels of the factors and of the diagonal estimate).
 
 Compilation: ``torch.compile(opt.step, fullgraph=True)``, driven with ``refresh=(t %
 update_every == 0)`` from a Python counter ``t`` (as :class:`hessfunc.optim.ModuleOptimizer`
@@ -152,7 +166,9 @@ def kfac(
         invert_every: eigendecompose the running factors every this many steps.
         ema: weight :math:`\epsilon \in [0, 1)` of the old factors (0: the batch's alone).
         fisher: ``"type-2"``, ``"mc"`` or ``"empirical"`` (as in :func:`hessfunc.kfac`);
-            ``"mc"`` takes ``generator`` or ``noise`` in ``step``.
+            ``"mc"`` takes ``generator`` or ``noise`` in ``step`` on refreshing steps, and so
+            does ``"type-2"`` when some leaf is no layer's weight (the labels of its
+            diagonal estimate).
         weight_decay: :math:`\eta \ge 0`, an L2 term :math:`\tfrac{\eta}{2}\lVert\theta
             \rVert^2` added to the objective (and to the curvature).
         reject_steps: undo a step that raised the batch objective (or made it NaN): the
@@ -166,18 +182,21 @@ def kfac(
         ``step(params, state, *batch, generator=None, noise=None, refresh=None) -> (params,
         state, info)``, new parameters (the inputs are not modified), the new state and a
         :class:`KFACInfo`. The state is ``{"kfac": {...}}``: ``count`` and ``damping`` (0-d),
-        ``velocity`` (the previous update, like ``params``) and the factor trees ``A``, ``G``,
+        ``velocity`` (the previous update, like ``params``), ``diag`` (the running diagonal
+        :math:`\bar d` at each uncovered leaf, its shape) and the factor trees ``A``, ``G``,
         ``A_values``, ``A_vectors``, ``G_values``, ``G_vectors``, each shaped like ``params``
         in structure: a block's tensors sit at its weight leaf (its bias leaf if it has no
         weight), every other leaf holds an empty ``(0,)`` tensor (all of them before the first
-        step). ``step.update_every`` is ``update_every``; with ``fisher="mc"``,
-        ``step.draw_noise(params, state, *batch, generator=)`` draws what a refreshing step
-        would.
+        step). ``step.update_every`` is ``update_every``; with ``fisher="mc"`` or
+        ``"type-2"``, ``step.draw_noise(params, state, *batch, generator=)`` draws what a
+        refreshing step would.
 
     Cost:
         Per step one gradient (a forward and a backward pass) whose pullback, transposed, also
         gives the quadratic model's two Jacobian-vector products (two more backward-sized
-        passes, no new forward pass), one more forward pass with ``adapt_damping``, the
+        passes, no new forward pass), one more forward pass with ``adapt_damping`` or
+        ``reject_steps``, on refreshing steps one more backward pass for the uncovered leaves'
+        diagonal (``"type-2"``, ``"mc"``; none when every leaf is covered), the
         factor collection of :func:`hessfunc.kfac` on refreshing steps only (eager and
         compiled) and per block four small matrix products; on inversion steps two symmetric
         eigendecompositions per block. Memory: per block :math:`\bar A, \bar G` and their
@@ -449,7 +468,10 @@ def kfac(
         }
         new_state = {
             _NAME: {
-                "count": count + 1, "damping": new_lam, "velocity": velocity, "diag": diag,
+                "count": count + 1,
+                "damping": new_lam,
+                "velocity": velocity,
+                "diag": diag,
                 **packed,
             }
         }
