@@ -545,6 +545,8 @@ def second_order_methods(model_fn, loss_fn, *, hf: bool, ada_every: int = 1) -> 
 def sweep_into(results: dict, name: str, grid, fn) -> None:
     """Run ``fn(v)`` for every ``v`` of the grid; keep the runs and the best one."""
     runs = []
+    if not grid:  # filtered out by --only
+        return
     for v in grid:
         r = fn(v)
         if r is None:
@@ -573,7 +575,7 @@ def header(final: str) -> list[str]:
 
 
 def table_rows(results: dict, n_params: int) -> list[list]:
-    adam = results["AdamW"][0]
+    adam = results["AdamW"][0] if "AdamW" in results else None  # None: not run (--only)
     rows = []
     for name, (r, runs) in results.items():
         grid = ", ".join(x.setting for _, x in runs)
@@ -585,7 +587,7 @@ def table_rows(results: dict, n_params: int) -> list[list]:
                 f"{r.seconds:.1f}" if r.reached is not None else "-",
                 f"{r.curve[-1][2]:.4f}",
                 1e3 * r.per_step,
-                r.per_step / adam.per_step,
+                r.per_step / adam.per_step if adam is not None else "-",
                 r.state_bytes / n_params,
             ]
         )
@@ -757,6 +759,8 @@ def other_task(a, task: str) -> str:
     }
     if a.quick:
         grids = {k: v[1:2] for k, v in grids.items()}
+    if a.only:
+        grids = {k: (v if a.only in k else []) for k, v in grids.items()}
     results: dict = {}
     sweep_into(
         results,
@@ -800,7 +804,7 @@ def other_task(a, task: str) -> str:
         f"(Hessian refresh every 10 steps) and AdaHessian (every {spec['ada_every']}) {b['diag']}"
         + (f", Hessian-free {b['hf']}" if spec["hf"] else "")
         + f". K-FAC covers {len(coverage.covered)} of {len(p0)} leaves; the others get a "
-        "damped gradient step: "
+        "damped diagonal (running Gauss-Newton-Bartlett estimate): "
         + (", ".join(f"`{path}`" for path, _ in coverage.uncovered) or "none")
         + ".\n\n"
         + common.table(header("final val loss"), rows)
@@ -825,6 +829,11 @@ def main() -> None:
     ap.add_argument("--record", action="store_true")
     ap.add_argument("--quick", action="store_true", help="a smoke test: one grid point, short runs")
     ap.add_argument("--kfac-jax", action="store_true", help="only K-FAC against kfac-jax")
+    ap.add_argument(
+        "--only",
+        default="",
+        help="--task cnn|charlm: only the methods whose name contains this text (e.g. K-FAC)",
+    )
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     os.environ.setdefault(

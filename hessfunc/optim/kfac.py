@@ -13,9 +13,16 @@ loss plus ``weight_decay`` :math:`\eta` (an L2 term of the objective):
    eigenbasis (the :meth:`hessfunc.KFAC.solve` ``"exact"`` method, not the factored
    ``"pi"`` one); the eigendecompositions do not depend on :math:`\lambda`, so a new damping
    takes effect at once, without a new inversion. Leaves no block covers
-   (:attr:`hessfunc.KFAC.uncovered`: embeddings, normalisation scales, ...) get the same rule
-   with :math:`K = 0` there: :math:`\Delta = -g / (\lambda + \eta)`, a damped gradient step
-   whose length the quadratic model below then sets;
+   (:attr:`hessfunc.KFAC.uncovered`: embeddings, normalisation scales, ...) get a diagonal
+   block instead: :math:`\Delta_u = -g_u / (\bar d_u + \lambda + \eta)`, with :math:`\bar d`
+   a running average (the same ``ema``, refreshed on the same steps as the factors) of an
+   unbiased estimate of the curvature's diagonal on those leaves: the Gauss-Newton-Bartlett
+   estimate :math:`\hat g \odot \hat g / c` (:func:`hessfunc.gnb_diag`: the gradient at labels
+   drawn from the model, squared, over the loss's reduction factor :math:`c`) for ``"type-2"``
+   and ``"mc"`` (``"mc"`` reuses the factor build's draws; ``"type-2"`` then needs
+   ``generator`` or ``noise`` on refreshing steps), the squared batch gradient over :math:`c`
+   for ``"empirical"`` (:mod:`hessfunc.optim._kfac_diag`); the quadratic model below still
+   sets the step length;
 4. the update :math:`d = \alpha \Delta + \mu \delta`, :math:`\delta` the previous update. With
    ``lr=None`` and ``momentum=None``, :math:`(\alpha, \mu)` minimise the damped quadratic model
 
@@ -31,17 +38,24 @@ loss plus ``weight_decay`` :math:`\eta` (an L2 term of the objective):
    model (:math:`\lambda = 0`), multiplies :math:`\lambda` by :math:`\omega = 19/20` when
    :math:`\rho > 3/4` and divides it by :math:`\omega` when :math:`\rho < 1/4` (Martens &
    Grosse 2015, section 6.5), clamped to :math:`[10^{-8}, 10^{8}]`. It costs one more forward
-   pass (the loss at :math:`\theta + d` on the same batch).
+   pass (the loss at :math:`\theta + d` on the same batch);
+6. with ``reject_steps`` (default), a step that raised the batch objective, :math:`h(\theta +
+   d) > h(\theta)` or NaN, is undone (as kfac-jax's ``use_step_rejection``): the parameters and
+   the previous update stay, and the damping, after the rule of 5., is doubled (so a run that
+   left the model's region of trust gets back into it within a few steps instead of the tens
+   that :math:`1/\omega` per step takes). ``torch.where`` on the update: no branch, it compiles.
 
 The pieces live beside this module, one object each: the running factors and their
-preconditioner in :mod:`hessfunc.optim._kfac_factors`, the quadratic model in
+preconditioner in :mod:`hessfunc.optim._kfac_factors`, the diagonal of the uncovered leaves in
+:mod:`hessfunc.optim._kfac_diag`, the quadratic model in
 :mod:`hessfunc.optim._qmodel`, the damping rule in :mod:`hessfunc.optim._lm`.
 
 The optimizer follows the conventions of :mod:`hessfunc.optim._base`: the state is a nested
 dict of tensors (``torch.load(weights_only=True)`` restores it), ``step.update_every`` is
 ``update_every`` and the step takes ``refresh=`` (a Python bool: rebuild the factors on this
-step; ``None`` reads the state's counter, eagerly), and with ``fisher="mc"``
-``step.draw_noise(params, state, *batch, generator=)`` draws what a refreshing step would.
+step; ``None`` reads the state's counter, eagerly), and with ``fisher="mc"`` or ``"type-2"``
+``step.draw_noise(params, state, *batch, generator=)`` draws what a refreshing step would (one
+uniform draw per output element: the labels of the factors and of the diagonal estimate).
 
 Compilation: ``torch.compile(opt.step, fullgraph=True)``, driven with ``refresh=(t %
 update_every == 0)`` from a Python counter ``t`` (as :class:`hessfunc.optim.ModuleOptimizer`
@@ -68,15 +82,16 @@ from ..kron._kron import FISHERS, Fisher
 from ..kron._layers import Layout, Recorder, plan
 from ..kron.kfac import factor_sums
 from ..losses import Loss
-from . import _base, _kfac_factors
+from . import _base, _kfac_diag, _kfac_factors
 from ._kfac_factors import FACTORS as _FACTORS
-from ._lm import lm_damping, reduction_ratio
+from ._lm import MAX_DAMPING, lm_damping, reduction_ratio
 from ._qmodel import quadratic_step
 
 __all__ = ["KFACInfo", "kfac"]
 
 _NAME = "kfac"
-_FIELDS = ("count", "damping", "velocity", *_FACTORS)
+_REJECT = 2.0  # the damping's extra factor after an undone step
+_FIELDS = ("count", "damping", "velocity", "diag", *_FACTORS)
 
 
 class KFACInfo(NamedTuple):
@@ -94,6 +109,8 @@ class KFACInfo(NamedTuple):
     """Reduction ratio (actual over predicted decrease); NaN without ``adapt_damping``."""
     predicted: torch.Tensor
     r"""The undamped quadratic model's change :math:`q_0(d)` (negative: a predicted decrease)."""
+    rejected: torch.Tensor
+    """Whether the step was undone (``reject_steps``; always false without it)."""
 
 
 def _number(where: str, name: str, value: Any, *, allow_none: bool, low: float, strict: bool):
@@ -124,6 +141,7 @@ def kfac(
     ema: float = 0.95,
     fisher: Fisher = "type-2",
     weight_decay: float = 0.0,
+    reject_steps: bool = True,
 ) -> _base.Optimizer:
     r"""K-FAC optimizer with step size and momentum from the exact quadratic model.
 
@@ -148,27 +166,37 @@ def kfac(
         invert_every: eigendecompose the running factors every this many steps.
         ema: weight :math:`\epsilon \in [0, 1)` of the old factors (0: the batch's alone).
         fisher: ``"type-2"``, ``"mc"`` or ``"empirical"`` (as in :func:`hessfunc.kfac`);
-            ``"mc"`` takes ``generator`` or ``noise`` in ``step``.
+            ``"mc"`` takes ``generator`` or ``noise`` in ``step`` on refreshing steps, and so
+            does ``"type-2"`` when some leaf is no layer's weight (the labels of its
+            diagonal estimate).
         weight_decay: :math:`\eta \ge 0`, an L2 term :math:`\tfrac{\eta}{2}\lVert\theta
             \rVert^2` added to the objective (and to the curvature).
+        reject_steps: undo a step that raised the batch objective (or made it NaN): the
+            parameters and the previous update stay as they were and the damping, after the
+            Levenberg-Marquardt rule, doubles (within :math:`[10^{-8}, 10^8]`). Traced as
+            ``torch.where`` on the update, so it compiles; it costs the forward pass that
+            ``adapt_damping`` already runs (one more without it).
 
     Returns:
         An :class:`~hessfunc.optim.Optimizer` ``(init, step)``: ``init(params) -> state``;
         ``step(params, state, *batch, generator=None, noise=None, refresh=None) -> (params,
         state, info)``, new parameters (the inputs are not modified), the new state and a
         :class:`KFACInfo`. The state is ``{"kfac": {...}}``: ``count`` and ``damping`` (0-d),
-        ``velocity`` (the previous update, like ``params``) and the factor trees ``A``, ``G``,
+        ``velocity`` (the previous update, like ``params``), ``diag`` (the running diagonal
+        :math:`\bar d` at each uncovered leaf, its shape) and the factor trees ``A``, ``G``,
         ``A_values``, ``A_vectors``, ``G_values``, ``G_vectors``, each shaped like ``params``
         in structure: a block's tensors sit at its weight leaf (its bias leaf if it has no
         weight), every other leaf holds an empty ``(0,)`` tensor (all of them before the first
-        step). ``step.update_every`` is ``update_every``; with ``fisher="mc"``,
-        ``step.draw_noise(params, state, *batch, generator=)`` draws what a refreshing step
-        would.
+        step). ``step.update_every`` is ``update_every``; with ``fisher="mc"`` or
+        ``"type-2"``, ``step.draw_noise(params, state, *batch, generator=)`` draws what a
+        refreshing step would.
 
     Cost:
         Per step one gradient (a forward and a backward pass) whose pullback, transposed, also
         gives the quadratic model's two Jacobian-vector products (two more backward-sized
-        passes, no new forward pass), one more forward pass with ``adapt_damping``, the
+        passes, no new forward pass), one more forward pass with ``adapt_damping`` or
+        ``reject_steps``, on refreshing steps one more backward pass for the uncovered leaves'
+        diagonal (``"type-2"``, ``"mc"``; none when every leaf is covered), the
         factor collection of :func:`hessfunc.kfac` on refreshing steps only (eager and
         compiled) and per block four small matrix products; on inversion steps two symmetric
         eigendecompositions per block. Memory: per block :math:`\bar A, \bar G` and their
@@ -208,6 +236,8 @@ def kfac(
         raise ValueError(f"{where}: ema must be < 1 (the weight of the old factors), got {ema}.")
     _positive_int(where, "update_every", update_every)
     _positive_int(where, "invert_every", invert_every)
+    if not isinstance(reject_steps, bool):
+        raise TypeError(f"{where}: reject_steps must be a bool, got {reject_steps!r}.")
     if not isinstance(adapt_damping, bool):
         raise TypeError(f"{where}: adapt_damping must be a bool, got {adapt_damping!r}.")
     if fisher not in FISHERS:
@@ -225,6 +255,7 @@ def kfac(
                 "count": _base.counter(params),
                 "damping": _base.scalar(params, float(damping)),
                 "velocity": _tree.zeros_like(params),
+                "diag": empty,
                 **{name: empty for name in _FACTORS},
             }
         }
@@ -243,7 +274,7 @@ def kfac(
             view = {_NAME: {key: inner[key] for key in ("count", "damping", "velocity")}}
         _base.check_state(step_where, _NAME, view, params, ("velocity",), ("count", "damping"))
         spec = _tree.tree_structure(params)
-        for key in _FACTORS:
+        for key in ("diag", *_FACTORS):
             if _tree.tree_structure(inner[key]) != spec:
                 raise ValueError(
                     f"{step_where}: state[{_NAME!r}][{key!r}] does not have the structure of "
@@ -306,21 +337,46 @@ def kfac(
         update = _base.should_refresh(step_where, refresh, count, update_every)
         first = all(x.numel() == 0 for x in _tree.tree_leaves(inner["A"]))
         collect = first or update
-        if fisher != "mc" and (generator is not None or noise is not None):
+        if fisher == "empirical" and (generator is not None or noise is not None):
             raise ValueError(
-                f"{step_where}: generator and noise are only used with fisher='mc'; got "
-                f"fisher={fisher!r}."
+                f"{step_where}: generator and noise are only used with fisher='mc' or "
+                "'type-2' (the labels of the uncovered leaves' diagonal); got "
+                "fisher='empirical'."
             )
         if fisher == "mc" and collect:  # steps that keep the factors draw nothing
             _kron.check(
                 step_where, model_fn, loss, params, fisher, generator, noise, 1, False, None
             )
+        elif fisher == "type-2" and collect and (generator is not None or noise is not None):
+            _base.check_random(step_where, True, generator, noise, "fisher='type-2'")
+
+        # the gradient; the forward pass's pullback also gives the quadratic model's
+        # Jacobian-vector products (step 4) and the uncovered leaves' diagonal estimate, a
+        # second derivative: kernels with right double backwards (math attention, composite
+        # norms; see _context)
+        with _context.second_order_kernels():
+            out, pullback = vjp(lambda q: model_fn(q, *batch), params)
+            value, loss_pullback = vjp(loss, out)
+            loss_grads = pullback(loss_pullback(torch.ones_like(value))[0])[0]
+        # the uniform draws of a refreshing step: the factor build's labels ("mc") and the
+        # uncovered leaves' diagonal estimate share them (the same numbers kron.collect draws)
+        if fisher != "empirical" and collect and noise is None and generator is not None:
+            shape = (1, *loss.noise_shape(out))
+            noise = torch.rand(shape, generator=generator, dtype=out.dtype, device=generator.device)
+            noise = noise.to(out.device)
+        if noise is not None and tuple(noise.shape) != (1, *loss.noise_shape(out)):
+            raise ValueError(
+                f"{step_where}: noise has shape {tuple(noise.shape)}; expected (1, "
+                f"*loss_fn(*batch).noise_shape(outputs)) = {(1, *loss.noise_shape(out))}, as "
+                "step.draw_noise(...) makes it."
+            )
 
         # 1. the layers, and on refreshing steps the batch's factors folded into the averages
         if collect:
             p = _kron.collect(
-                step_where, model_fn, loss, params, batch, fisher=fisher, generator=generator,
-                noise=noise, mc_samples=1, separate_bias=False, chunk_size=None,
+                step_where, model_fn, loss, params, batch, fisher=fisher, generator=None,
+                noise=noise if fisher == "mc" else None, mc_samples=1, separate_bias=False,
+                chunk_size=None,
             )  # fmt: skip
             layout = p.layout
         else:
@@ -330,9 +386,19 @@ def kfac(
                 f"{step_where}: no leaf of params is the weight or bias of a layer inside "
                 "model_fn, so there is nothing to factor; K-FAC needs layer weights."
             )
+        idx = _kfac_diag.uncovered(layout)
         factors = _kfac_factors
         if not first:
             factors.check_layout(step_where, inner["A"], layout)
+            _kfac_diag.check(step_where, inner["diag"], params, idx)
+        if fisher == "type-2" and collect and idx and noise is None:
+            raise ValueError(
+                f"{step_where}: leaves no layer covers ({', '.join(layout.uncovered_paths)}) "
+                "get a diagonal curvature estimated at labels drawn from the model: pass "
+                "generator=torch.Generator().manual_seed(...) or noise=step.draw_noise(params, "
+                "state, *batch, generator=g) on refreshing steps."
+            )
+        if not first:
             A_old, G_old = factors.unpack(inner["A"], layout), factors.unpack(inner["G"], layout)
         if first:
             K = factor_sums(p)[0]
@@ -342,6 +408,14 @@ def kfac(
             A, G = factors.average(A_old, K.A, ema), factors.average(G_old, K.G, ema)
         else:
             A, G = A_old, G_old
+        # the uncovered leaves' diagonal, on the same steps and with the same ema
+        estimate = None
+        if collect and idx:
+            with _context.second_order_kernels():
+                estimate = _kfac_diag.estimate(
+                    step_where, fisher, loss, out, pullback, loss_grads, noise, idx
+                )
+        diag = _kfac_diag.average(params, None if first else inner["diag"], estimate, idx, ema)
 
         # 2. inversion every invert_every steps (a torch.cond on the step count)
         old = None if first else [factors.unpack(inner[k], layout) for k in _FACTORS[2:]]
@@ -349,19 +423,14 @@ def kfac(
         eig_a = list(zip(va, qa, strict=True))
         eig_g = list(zip(vg, qg, strict=True))
 
-        # 3. gradient and preconditioned direction; the forward pass's pullback also gives the
-        # quadratic model's Jacobian-vector products (step 4), a second derivative: kernels
-        # with right double backwards (math attention, composite norms; see _context)
-        with _context.second_order_kernels():
-            out, pullback = vjp(lambda q: model_fn(q, *batch), params)
-            value, loss_pullback = vjp(loss, out)
-            grads = pullback(loss_pullback(torch.ones_like(value))[0])[0]
-        h0 = value
+        # 3. preconditioned direction: K-FAC on the blocks, the damped diagonal elsewhere
+        grads, h0 = loss_grads, value
         if weight_decay:
             grads = _tree.axpy(weight_decay, params, grads)
             h0 = value + 0.5 * weight_decay * _tree.vdot(params, params)
         shift = lam + weight_decay
         solved = factors.precondition("hessfunc.optim.kfac", layout, eig_a, eig_g, grads, shift)
+        solved = _kfac_diag.apply(solved, grads, diag, idx, shift)
         direction = _tree.scale(-1.0, solved)
 
         # 4. exact quadratic model along (direction, previous update)
@@ -372,27 +441,47 @@ def kfac(
         new_params = _tree.add(params, chosen.update)
 
         # 5. Levenberg-Marquardt damping from the reduction ratio
+        if adapt_damping or reject_steps:
+            h1 = objective(new_params, batch, loss)
         if adapt_damping:
-            rho = reduction_ratio(h0, objective(new_params, batch, loss), chosen.predicted)
+            rho = reduction_ratio(h0, h1, chosen.predicted)
             new_lam = lm_damping(lam, rho)
         else:
             rho = torch.full_like(h0, torch.nan)
             new_lam = lam
+        velocity = chosen.update
+        if reject_steps:  # a step that raised the batch objective (or gave NaN) is undone
+            rejected = torch.isnan(h1) | (h1 > h0)
+            new_params = _tree.tree_map(
+                lambda new, old: torch.where(rejected, old, new), new_params, params
+            )
+            velocity = _tree.tree_map(
+                lambda new, old: torch.where(rejected, old, new), velocity, inner["velocity"]
+            )
+            new_lam = torch.where(rejected, new_lam * _REJECT, new_lam).clamp(max=MAX_DAMPING)
+        else:
+            rejected = torch.zeros_like(h0, dtype=torch.bool)
 
         packed = {
             key: factors.pack(params, layout, vals)
             for key, vals in zip(_FACTORS, (A, G, va, qa, vg, qg), strict=True)
         }
         new_state = {
-            _NAME: {"count": count + 1, "damping": new_lam, "velocity": chosen.update, **packed}
+            _NAME: {
+                "count": count + 1,
+                "damping": new_lam,
+                "velocity": velocity,
+                "diag": diag,
+                **packed,
+            }
         }
         info = KFACInfo(
             loss=value.detach(), damping=lam, lr=chosen.lr, momentum=chosen.momentum, rho=rho,
-            predicted=chosen.predicted,
+            predicted=chosen.predicted, rejected=rejected,
         )  # fmt: skip
         return new_params, new_state, info
 
     marked = _base.mark(
-        step, update_every=update_every, draw_noise=draw_noise if fisher == "mc" else None
+        step, update_every=update_every, draw_noise=draw_noise if fisher != "empirical" else None
     )
     return _base.Optimizer(init, marked)
