@@ -313,6 +313,13 @@ def test_last_layer_and_named_subsets_cover_the_right_leaves():
     torch.testing.assert_close(last.curvature.H, G[-18:, -18:], **EXACT)
     draws = last.sample(2, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(draws["0.weight"][1], params["0.weight"], rtol=0, atol=0)
+    # weights stored (in, out) and applied as x @ W or addmm(b, x, W) (GPT-2's Conv1D) are
+    # linear layers too, as K-FAC records them: the head is the last one, not the body
+    g = torch.Generator().manual_seed(0)
+    p2 = {"body": torch.randn(3, 5, generator=g), "head_w": torch.randn(5, 3, generator=g),
+          "head_b": torch.zeros(3)}  # fmt: skip
+    model2 = lambda p, X, *r: torch.addmm(p["head_b"], torch.tanh(X @ p["body"]), p["head_w"])  # noqa: E731
+    assert sorted(fit(model2, _ce, p2, BATCHES, subset="last_layer").names) == ["head_b", "head_w"]
 
 
 def test_binary_logistic_equals_two_class_softmax_with_a_zero_logit():
@@ -419,9 +426,9 @@ def test_bad_input_is_refused_clearly(mlp_full):
         fit(model, _ce, params, BATCHES, structure="full", rank=3)
     with pytest.raises(ValueError, match="missing"):
         mlp_full.log_marginal_likelihood({"0.weight": 1.0})
-    with pytest.raises(ValueError, match="last_layer' found no F.linear"):
-        fit(lambda p, X, *r: X @ p, lambda X, y: MSELoss(y), torch.zeros(3, 1),
-            [(X, torch.zeros(40, 1))], subset="last_layer")  # fmt: skip
+    with pytest.raises(ValueError, match="last_layer' found no linear layer"):
+        fit(lambda p, X, *r: (X * p).sum(-1, keepdim=True), lambda X, y: MSELoss(y),
+            torch.zeros(3), [(X, torch.zeros(40, 1))], subset="last_layer")  # fmt: skip
     with pytest.raises(ValueError, match="nothing to factor"):  # no layer: an element-wise map
         fit(lambda p, X, *r: (X * p).sum(-1, keepdim=True), lambda X, y: MSELoss(y), torch.zeros(3),
             [(X, torch.zeros(40, 1))], structure="kfac")  # fmt: skip
@@ -472,7 +479,7 @@ PER_LEAF = [0.5, 2.0, 1.0, 4.0]
 
 def test_matrix_free_per_leaf_prior_evidence_within_its_standard_error(mlp_full, mlp_slq):
     # a diagonal prior is not a shift of H: the evidence reruns SLQ on f H + diag(delta)
-    delta = dict(zip(mlp_full.names, PER_LEAF))
+    delta = dict(zip(mlp_full.names, PER_LEAF, strict=True))
     ref = mlp_full.log_marginal_likelihood(delta).estimate
     for post in mlp_slq:
         est = post.log_marginal_likelihood(delta)
@@ -495,7 +502,7 @@ def test_matrix_free_per_leaf_prior_evidence_within_its_standard_error(mlp_full,
 
 
 def test_matrix_free_per_leaf_predictive_and_samples_match_the_dense_posterior(mlp_full, mlp_slq):
-    delta = dict(zip(mlp_full.names, PER_LEAF))
+    delta = dict(zip(mlp_full.names, PER_LEAF, strict=True))
     Xs = MLP[1][:2]
     _, want = mlp_full.with_prior_precision(delta).predictive(Xs, link="none")
     _, got = mlp_slq[0].with_prior_precision(delta).predictive(Xs, link="none")

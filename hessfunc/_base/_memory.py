@@ -45,8 +45,9 @@ def _gib(b: float) -> str:
     return f"{b / 2**30:.3g} GiB"
 
 
-def check_budget(where: str, need: int, device: torch.device, max_bytes: int | None,
-                 what: str, advice: str) -> None:
+def check_budget(
+    where: str, need: int, device: torch.device, max_bytes: int | None, what: str, advice: str
+) -> None:
     """Raise ``MemoryError`` when ``need`` bytes exceed the budget, before anything is allocated.
 
     The budget is ``max_bytes`` when given, else :data:`DEFAULT_SHARE` of the memory available
@@ -61,7 +62,7 @@ def check_budget(where: str, need: int, device: torch.device, max_bytes: int | N
         max_bytes: an explicit budget, or ``None`` for the default share of free memory.
         what: what needs the memory, e.g. ``"a dense 10 x 10 torch.float64 matrix"``.
         advice: the way out, one or more sentences.
-    """  # fmt: skip
+    """
     if max_bytes is None and torch.compiler.is_compiling():
         return
     if max_bytes is None:
