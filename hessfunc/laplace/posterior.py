@@ -158,7 +158,10 @@ class LaplacePosterior:
         log space and halved until the evidence does not fall. It stops when a step changes the
         prior by a relative ``tol`` (default 1e-8): near the optimum Newton converges
         quadratically, so the returned prior is accurate to about ``tol`` (relative), far under
-        1%. For ``"matrix_free"`` the objective is the SLQ estimate with its probes fixed.
+        1%. For ``"matrix_free"`` the objective is the SLQ estimate with its probes fixed; with
+        ``per_leaf=True`` every evaluation reruns SLQ (``num_iters`` data passes) and the
+        gradient and Hessian go through those Lanczos runs, which costs far more than a scalar
+        search.
 
         Args:
             per_leaf: one prior precision per covered leaf (``"layerwise"`` in laplace-torch)
