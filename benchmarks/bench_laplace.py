@@ -136,8 +136,11 @@ def main() -> None:
     parser.add_argument("--largest", action="store_true", help="measure the largest network")
     parser.add_argument("--cap-s", type=float, default=300.0, help="--largest: seconds per size")
     parser.add_argument("--cap-gib", type=float, default=8.0, help="--largest: GiB per size")
-    parser.add_argument("--only", default=None, help="--largest: e.g. hessfunc:full,laplace:kron")
-    parser.add_argument("--child", nargs=3, metavar=("LIB", "STRUCTURE", "H"), help=argparse.SUPPRESS)
+    parser.add_argument("--only", default=None, help="--largest: e.g. hessfunc:full")
+    parser.add_argument("--min-h", type=int, default=0, help="--largest: skip smaller widths")
+    parser.add_argument(
+        "--child", nargs=3, metavar=("LIB", "STRUCTURE", "H"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.child:
         child(*args.child[:2], int(args.child[2]), args.cap_gib)
@@ -271,8 +274,10 @@ def child(lib: str, structure: str, h: int, cap_gib: float) -> None:
             lml = float(la.log_marginal_likelihood())
     t2 = time.perf_counter()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # the one-minute load average: the machine is shared, so seconds depend on it
     print(json.dumps({"n": n, "fit_s": t1 - t0, "lml_s": t2 - t1, "seconds": t2 - t0,
-                      "peak": peak, "base": base, "lml": lml}), flush=True)  # fmt: skip
+                      "peak": peak, "base": base, "lml": lml, "load": os.getloadavg()[0]}),
+          flush=True)  # fmt: skip
 
 
 def _run_child(lib: str, structure: str, h: int, cap_s: float, cap_bytes: int) -> dict:
@@ -307,16 +312,17 @@ def _run_child(lib: str, structure: str, h: int, cap_s: float, cap_bytes: int) -
 def largest(args: argparse.Namespace) -> None:
     cap_bytes = int(args.cap_gib * 2**30)
     cases = LARGEST_CASES
-    if args.only:
-        wanted = [tuple(c.split(":")) for c in args.only.split(",")]
-        cases = [(lib, s) for lib, s in cases if (lib.split("-")[0], s) in
-                 [(w[0].split("-")[0], w[1]) for w in wanted]]  # fmt: skip
+    if args.only:  # in the order given, e.g. "hessfunc:kfac,laplace-torch:kron"
+        cases = [tuple(c.split(":")) for c in args.only.split(",")]
+        unknown = [c for c in cases if c not in LARGEST_CASES]
+        if unknown:
+            raise SystemExit(f"--only: unknown {unknown}; choose from {LARGEST_CASES}")
     total = _mem_total()
     start = time.perf_counter()
     rows, notes = [], []
     for lib, structure in cases:
         best, fail, best_h = None, None, None
-        for h in _widths():
+        for h in [w for w in _widths() if w >= args.min_h]:
             res = _run_child(lib, structure, h, args.cap_s, cap_bytes)
             print(lib, structure, h, res, flush=True)
             if not res["ok"]:
