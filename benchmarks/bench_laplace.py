@@ -14,11 +14,19 @@ Time is one call after a warm-up call (``time.perf_counter``; the runs are secon
 memory the peak bytes that call allocates (``common.peak_memory``, CPU profiler events). The ratio
 column is laplace-torch's time over hessfunc's, both from this run.
 
-The largest whole-network full-GGN Laplace each library can hold is set by memory: both store
-the dense ``n x n`` precision; the script prints the ``n`` that fits in half of the free memory
-for each, from the peak bytes per ``n^2`` measured on the full case, instead of running it.
+``--largest`` measures, instead, the largest whole-network Laplace each library and structure
+fits on this machine: an MLP 64-h-h-10 (tanh) on sklearn's digits (1797 images, float64,
+batches of 128) is widened by about 1.4x per step (h = 16, 22, 31, ...), and each size runs
+``fit`` plus one log marginal likelihood in a fresh child process, one at a time, under a
+wall-clock cap (``--cap-s``, default 300 s) and a resident-memory cap (``--cap-gib``, default
+8 GiB: the parent polls the child's ``VmRSS`` in ``/proc/<pid>/status`` every 50 ms and kills
+it above the cap). The child reports its seconds and its peak resident memory
+(``resource.getrusage``); a structure stops at its first failure or cap. The parameters sit at
+initialisation: the cost of a fit does not depend on their values. The dense structures' peak
+bytes per ``n^2`` at their largest size give a labelled extrapolation to the whole machine.
 
     python benchmarks/bench_laplace.py [--threads 1] [--quick] [--no-memory] [--record]
+    python benchmarks/bench_laplace.py --largest [--cap-s 300] [--cap-gib 8] [--record]
 
 ``--predictive`` runs only the predictive: the K-FAC probit predictive on the digits (an MLP
 and a small CNN; ``--wide`` adds a 64-256-256-10 MLP, where laplace-torch needs ~15 GiB),
@@ -30,7 +38,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
+import os
+import resource
+import subprocess
+import sys
 import time
 import warnings
 
@@ -132,7 +145,21 @@ def main() -> None:
     parser.add_argument(
         "--wide", action="store_true", help="with --predictive: also a 64-256-256-10 MLP"
     )
+    parser.add_argument("--largest", action="store_true", help="measure the largest network")
+    parser.add_argument("--cap-s", type=float, default=300.0, help="--largest: seconds per size")
+    parser.add_argument("--cap-gib", type=float, default=8.0, help="--largest: GiB per size")
+    parser.add_argument("--only", default=None, help="--largest: e.g. hessfunc:full")
+    parser.add_argument("--min-h", type=int, default=0, help="--largest: skip smaller widths")
+    parser.add_argument(
+        "--child", nargs=3, metavar=("LIB", "STRUCTURE", "H"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
+    if args.child:
+        child(*args.child[:2], int(args.child[2]), args.cap_gib)
+        return
+    if args.largest:
+        largest(args)
+        return
     torch.set_num_threads(args.threads)
     if args.predictive:
         torch.set_default_dtype(torch.float64)
@@ -153,8 +180,8 @@ def main() -> None:
     N = 512 if args.quick else 1024
     torch.manual_seed(0)
     X, y = data(N, small[0], small[-1])
-    full_mem = run_case("mlp " + "-".join(map(str, small)), mlp(small), X, y, "full", "full",
-                        "all", rows, notes, args.no_memory)  # fmt: skip
+    run_case("mlp " + "-".join(map(str, small)), mlp(small), X, y, "full", "full", "all", rows,
+             notes, args.no_memory)  # fmt: skip
     X2, y2 = data(N, big[0], big[-1], seed=1)
     net2 = mlp(big)
     run_case("mlp " + "-".join(map(str, big)), net2, X2, y2, "kfac", "kron", "all", rows, notes,
@@ -167,16 +194,10 @@ def main() -> None:
     body.append(common.table(header, rows))
     body.append("")
     body += notes
-    m_ours, m_theirs, n = full_mem
-    if m_ours is not None:
-        free = _free_bytes()
-        for lib, m in (("hessfunc", m_ours), ("laplace-torch", m_theirs)):
-            per = m / n**2
-            body.append(
-                f"- largest whole-network full-GGN Laplace in half the free memory "
-                f"({free / 2**30:.1f} GiB free): about n = {math.isqrt(int(free / 2 / per)):,} for "
-                f"{lib} ({per:.1f} bytes per n^2 measured at n = {n})"
-            )
+    body.append(
+        "- the largest whole-network Laplace each library and structure fits is measured by "
+        "--largest (a growing MLP, one capped child process per size), not extrapolated here"
+    )
     body.append("")
     body.append(f"Whole run: {time.perf_counter() - start:.0f} s.")
     text = "\n".join(body)
@@ -321,10 +342,185 @@ def predictive_main(args) -> None:
         common.record("bench_laplace.py --predictive: the K-FAC predictive without Jacobians", text)
 
 
-def _free_bytes() -> int:
+# -- the largest network: one child process per size ---------------------------------------------
+
+LARGEST_CASES = [
+    ("hessfunc", "full"),
+    ("laplace-torch", "full"),
+    ("hessfunc", "low_rank"),
+    ("laplace-torch", "diag"),
+    ("hessfunc", "kfac"),
+    ("laplace-torch", "kron"),
+    ("hessfunc", "matrix_free"),
+]
+GROWTH = 1.4
+
+
+def _widths() -> list[int]:
+    out, h = [], 16.0
+    while h < 20000:
+        out.append(int(round(h)))
+        h *= GROWTH
+    return out
+
+
+def _rss_bytes(pid: int | str = "self") -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def child(lib: str, structure: str, h: int, cap_gib: float) -> None:
+    """One size: build the MLP, fit, evaluate the evidence; print one JSON line."""
+    from sklearn.datasets import load_digits
+
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    digits = load_digits()
+    X = torch.tensor(digits.data / 16.0)
+    y = torch.tensor(digits.target)
+    torch.manual_seed(0)
+    net = mlp([64, h, h, 10])
+    n = sum(p.numel() for p in net.parameters())
+    base = _rss_bytes()
+    t0 = time.perf_counter()
+    if lib == "hessfunc":
+        apply, params = hessfunc.from_module(net)
+        batches = [(X[i : i + BATCH], y[i : i + BATCH]) for i in range(0, len(y), BATCH)]
+        opts = {}
+        if structure in ("low_rank", "matrix_free"):
+            opts["generator"] = torch.Generator().manual_seed(0)
+        if structure == "full":  # the RSS cap, not the machine's momentary free memory, decides
+            opts["max_bytes"] = int(cap_gib * 2**30)
+        post = hessfunc.laplace.fit(
+            lambda p, X, *rest: apply(p, X), lambda X, y: CrossEntropyLoss(y), params, batches,
+            structure=structure, **opts,
+        )  # fmt: skip
+        t1 = time.perf_counter()
+        lml = float(post.log_marginal_likelihood().estimate)
+    else:
+        import laplace
+        from laplace.curvature.curvature import GGNInterface
+
+        loader = DataLoader(TensorDataset(X, y), batch_size=BATCH)
+        # "full": the torch.func Jacobians and GGN of laplace-torch's own interface;
+        # "kron", "diag": its default curvlinops backend
+        backend = {"backend": GGNInterface} if structure == "full" else {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            la = laplace.Laplace(net, "classification", subset_of_weights="all",
+                                 hessian_structure=structure, **backend)  # fmt: skip
+            la.fit(loader)
+            t1 = time.perf_counter()
+            lml = float(la.log_marginal_likelihood())
+    t2 = time.perf_counter()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # the one-minute load average: the machine is shared, so seconds depend on it
+    print(json.dumps({"n": n, "fit_s": t1 - t0, "lml_s": t2 - t1, "seconds": t2 - t0,
+                      "peak": peak, "base": base, "lml": lml, "load": os.getloadavg()[0]}),
+          flush=True)  # fmt: skip
+
+
+def _run_child(lib: str, structure: str, h: int, cap_s: float, cap_bytes: int) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", lib, structure, str(h),
+           "--cap-gib", str(cap_bytes / 2**30)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    start, seen, why = time.perf_counter(), 0, None
+    while proc.poll() is None:
+        rss = _rss_bytes(proc.pid)
+        seen = max(seen, rss)
+        if rss > cap_bytes:
+            why = f"killed above the {cap_bytes / 2**30:.0f} GiB cap"
+        elif time.perf_counter() - start > cap_s:
+            why = f"killed at the {cap_s:.0f} s cap"
+        if why:
+            proc.kill()
+            proc.wait()
+            break
+        time.sleep(0.05)
+    out, err = proc.communicate()
+    wall = time.perf_counter() - start
+    if why is None and proc.returncode != 0:
+        last = (err.strip().splitlines() or ["?"])[-1]
+        why = f"failed: {last[:160]}"
+    if why is not None:
+        return {"ok": False, "why": why, "wall": wall, "rss_seen": seen}
+    res = json.loads(out.strip().splitlines()[-1])
+    return {"ok": True, "wall": wall, **res}
+
+
+def largest(args: argparse.Namespace) -> None:
+    cap_bytes = int(args.cap_gib * 2**30)
+    cases = LARGEST_CASES
+    if args.only:  # in the order given, e.g. "hessfunc:kfac,laplace-torch:kron"
+        cases = [tuple(c.split(":")) for c in args.only.split(",")]
+        unknown = [c for c in cases if c not in LARGEST_CASES]
+        if unknown:
+            raise SystemExit(f"--only: unknown {unknown}; choose from {LARGEST_CASES}")
+    total = _mem_total()
+    start = time.perf_counter()
+    rows, notes = [], []
+    for lib, structure in cases:
+        best, fail, best_h = None, None, None
+        for h in [w for w in _widths() if w >= args.min_h]:
+            res = _run_child(lib, structure, h, args.cap_s, cap_bytes)
+            print(lib, structure, h, res, flush=True)
+            if not res["ok"]:
+                fail = (h, res)
+                break
+            best, best_h = res, h
+        gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
+        if best is None:
+            rows.append([lib, structure, "-", "-", "-", "-", "-", _why(fail)])
+            continue
+        stop = "-" if fail is None else f"h = {fail[0]}: {fail[1]['why']}"
+        rows.append([lib, structure, f"64-{best_h}-{best_h}-10", f"{best['n']:,}",
+                     best["fit_s"] + best["lml_s"], gib(best["peak"]),
+                     gib(best["peak"] - best["base"]), stop])  # fmt: skip
+        if structure in ("full",):
+            per = (best["peak"] - best["base"]) / best["n"] ** 2
+            n_all = math.isqrt(int((total - best["base"]) / per))
+            notes.append(
+                f"- extrapolation, not measured: {lib} {structure} used {per:.1f} bytes per n^2 "
+                f"above its {gib(best['base'])} GiB start at n = {best['n']:,}; the whole "
+                f"{total / 2**30:.0f} GiB of this machine would hold about n = {n_all:,} by that "
+                "law (memory only; time grows as n^3 for the eigendecomposition)"
+            )
+    header = ["library", "structure", "largest MLP", "n", "fit + evidence s", "peak RSS GiB",
+              "above start GiB", "next size"]  # fmt: skip
+    body = [
+        f"Machine: {common.machine('cpu')}, {total / 2**30:.0f} GiB shared with other users; "
+        f"one thread; float64; sklearn digits (N = 1797, 10 classes); MLP 64-h-h-10 tanh, h "
+        f"grown x{GROWTH} per step from 16; caps per size: {args.cap_s:.0f} s wall clock and "
+        f"{args.cap_gib:.0f} GiB resident memory (child killed above either); one child at a "
+        "time.",
+        "",
+        common.table(header, rows),
+        "",
+        *notes,
+        "",
+        f"Whole run: {time.perf_counter() - start:.0f} s.",
+    ]
+    text = "\n".join(body)
+    print(text)
+    if args.record:
+        common.record("bench_laplace.py --largest: the largest whole-network Laplace", text)
+
+
+def _why(fail) -> str:
+    return "-" if fail is None else f"h = {fail[0]}: {fail[1]['why']}"
+
+
+def _mem_total() -> int:
     with open("/proc/meminfo") as fh:
         for line in fh:
-            if line.startswith("MemAvailable"):
+            if line.startswith("MemTotal"):
                 return int(line.split()[1]) * 1024
     return 0
 

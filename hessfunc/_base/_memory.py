@@ -45,6 +45,37 @@ def _gib(b: float) -> str:
     return f"{b / 2**30:.3g} GiB"
 
 
+def check_budget(
+    where: str, need: int, device: torch.device, max_bytes: int | None, what: str, advice: str
+) -> None:
+    """Raise ``MemoryError`` when ``need`` bytes exceed the budget, before anything is allocated.
+
+    The budget is ``max_bytes`` when given, else :data:`DEFAULT_SHARE` of the memory available
+    on ``device`` now. Inside ``torch.compile`` the free memory cannot be read (file I/O and CUDA
+    queries are not traceable), so only an explicit ``max_bytes`` is enforced there; the sizes
+    are static, so that check runs once, at trace time.
+
+    Args:
+        where: the public call, for the message.
+        need: the bytes the dense build takes.
+        device: where it would be allocated.
+        max_bytes: an explicit budget, or ``None`` for the default share of free memory.
+        what: what needs the memory, e.g. ``"a dense 10 x 10 torch.float64 matrix"``.
+        advice: the way out, one or more sentences.
+    """
+    if max_bytes is None and torch.compiler.is_compiling():
+        return
+    if max_bytes is None:
+        budget = int(DEFAULT_SHARE * available_bytes(device))
+        budget_txt = f"{_gib(budget)}, half of the memory available on {device}"
+    else:
+        budget, budget_txt = int(max_bytes), f"max_bytes={_gib(max_bytes)}"
+    if need > budget:
+        raise MemoryError(
+            f"{where}: {what} needs about {_gib(need)}, over the budget of {budget_txt}. {advice}"
+        )
+
+
 def guard(
     where: str,
     n: int,
@@ -55,19 +86,9 @@ def guard(
 ) -> None:
     """Refuse (before allocating anything) a dense ``(n, n)`` build over the memory budget."""
     need = dense_bytes(n, torch.empty((), dtype=dtype).element_size(), chunk_size)
-    if max_bytes is None and torch.compiler.is_compiling():
-        # Free memory cannot be read inside a compiled graph (file I/O and CUDA queries are not
-        # traceable); only an explicit max_bytes is enforced there.
-        return
-    if max_bytes is None:
-        budget = int(DEFAULT_SHARE * available_bytes(device))
-        budget_txt = f"{_gib(budget)}, half of the memory available on {device}"
-    else:
-        budget, budget_txt = int(max_bytes), f"max_bytes={_gib(max_bytes)}"
-    if need > budget:
-        raise MemoryError(
-            f"{where}: a dense {n} x {n} {dtype} matrix needs about {_gib(need)}, over the "
-            f"budget of {budget_txt}. Use the matrix-free products instead (hessfunc.hvp, "
-            "hessfunc.hvps: about 2 gradients each, memory of one gradient), pass a small "
-            "chunk_size to drop the n x n basis, or raise max_bytes if you know it fits."
-        )
+    check_budget(
+        where, need, device, max_bytes, f"a dense {n} x {n} {dtype} matrix",
+        "Use the matrix-free products instead (hessfunc.hvp, hessfunc.hvps: about 2 gradients "
+        "each, memory of one gradient), pass a small chunk_size to drop the n x n basis, or "
+        "raise max_bytes if you know it fits.",
+    )  # fmt: skip

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .._base import _tree
+from .._base import _memory, _tree
 from ..kron.kfac import kfac
 from ..linalg.estimators import random_probes
 from ..linalg.lanczos import eigsh
@@ -69,32 +69,15 @@ def _gram_rows(problem: _problem.Problem, batch: tuple, chunk_size: int | None) 
     return torch.einsum("icn,icj->ijn", J, root).reshape(-1, J.shape[-1])
 
 
-def _available_bytes(ref: Tensor) -> int | None:
-    if ref.device.type == "cuda":
-        return int(torch.cuda.mem_get_info(ref.device)[0])
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def _check_dense(where: str, theta: Tensor, max_bytes: int | None) -> None:
     n = theta.numel()
     need = 3 * n * n * theta.element_size()  # the matrix, its eigenvectors, eigh's workspace
-    if max_bytes is None:
-        free = _available_bytes(theta)
-        max_bytes = None if free is None else free // 2
-    if max_bytes is not None and need > max_bytes:
-        raise MemoryError(
-            f"{where}: structure='full' needs about {need / 2**30:.3g} GiB for n = {n} "
-            f"parameters (three n x n matrices), over the budget of {max_bytes / 2**30:.3g} GiB. "
-            "Use structure='kfac', 'low_rank' or 'matrix_free', subset='last_layer', or raise "
-            "max_bytes."
-        )
+    _memory.check_budget(
+        where, need, theta.device, max_bytes,
+        f"structure='full' with n = {n} parameters (three n x n matrices)",
+        "Use structure='kfac', 'low_rank' or 'matrix_free', subset='last_layer', or raise "
+        "max_bytes.",
+    )  # fmt: skip
 
 
 def _kron(problem: _problem.Problem) -> Kron:
@@ -159,5 +142,6 @@ def curvature(where: str, problem: _problem.Problem, structure: str, opts: dict)
     scaled = (lambda v: scale * matvec(v)) if scale != 1.0 else matvec
     return MatrixFree(
         scaled, scale * res.nodes, res.weights, res.sq_norms, sizes, opts["cg_maxiter"],
-        opts["cg_tol"], min(opts["sample_iters"], problem.n),
+        opts["cg_tol"], min(opts["sample_iters"], problem.n), probes,
+        min(opts["num_iters"], problem.n),
     )  # fmt: skip

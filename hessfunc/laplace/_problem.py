@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 from torch.func import jacrev, vmap
-from torch.overrides import TorchFunctionMode
 
 from .. import data
-from .._base import _tree
+from .._base import _context, _tree
+from ..kron._layers import Call, Recorder
 from ..losses import BCEWithLogitsLoss, CrossEntropyLoss, Loss, MSELoss
 
 WHERE = "hessfunc.laplace.fit(model_fn, loss_fn, params, batches)"
@@ -56,22 +56,6 @@ def likelihood_of(where: str, loss: Any) -> str:
 def summed(loss: Loss) -> Loss:
     """The same loss with ``reduction="sum"``: the summed negative log-likelihood's object."""
     return loss if loss.reduction == "sum" else replace(loss, reduction="sum")
-
-
-class _LinearCalls(TorchFunctionMode):
-    """Record, in the order they run, the leaves used as weight/bias of ``F.linear``."""
-
-    def __init__(self, ids: dict[int, int], seen: list[tuple[int | None, int | None]]) -> None:
-        super().__init__()
-        self.ids, self.seen = ids, seen
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None):
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.linear or getattr(func, "__name__", "") == "linear":
-            w = args[1] if len(args) > 1 else kwargs.get("weight")
-            b = args[2] if len(args) > 2 else kwargs.get("bias")
-            self.seen.append((self.ids.get(id(w)), self.ids.get(id(b))))
-        return func(*args, **kwargs)
 
 
 @dataclass(frozen=True, eq=False)
@@ -173,17 +157,23 @@ def check_batches(where: str, batches: Any) -> Any:
 def find_last_linear(
     where: str, model_fn: Callable[..., Any], params: Any, batch: tuple
 ) -> list[int]:
+    """Leaf indices of the weight and bias of the last linear layer ``model_fn`` runs.
+
+    The layers are those K-FAC records (:class:`hessfunc.kron._layers.Recorder`): ``F.linear``,
+    and a 2-d leaf stored ``(in, out)`` applied as ``x @ W`` or ``torch.addmm(b, x, W)``;
+    convolutions are not linear layers here.
+    """
     leaves = _tree.tree_leaves(params)
-    ids = {id(t): i for i, t in enumerate(leaves)}
-    seen: list[tuple[int | None, int | None]] = []
-    with torch.no_grad(), _LinearCalls(ids, seen):
+    calls: list[Call] = []
+    with torch.no_grad(), _context.attention_fastpath_off(), Recorder(leaves, calls, {}):
         model_fn(params, *batch)
-    hits = [(w, b) for w, b in seen if w is not None or b is not None]
+    hits = [(c.weight, c.bias) for c in calls if c.dims == 0]
     if not hits:
         raise ValueError(
-            f"{where}: subset='last_layer' found no F.linear (nn.Linear) call whose weight or "
-            "bias is a leaf of params while model_fn ran; name the leaves instead, "
-            "subset=['head.weight', 'head.bias']."
+            f"{where}: subset='last_layer' found no linear layer (F.linear / nn.Linear, or "
+            "x @ W / torch.addmm(b, x, W) with a 2-d leaf W) whose weight or bias is a leaf of "
+            "params while model_fn ran; name the leaves instead, subset=['head.weight', "
+            "'head.bias']."
         )
     w, b = hits[-1]
     return sorted(i for i in (w, b) if i is not None)

@@ -86,7 +86,8 @@ class LaplacePosterior:
 
         No pass over the data: the curvature built by :func:`fit` is reused (one
         eigendecomposition for ``"full"`` with a scalar prior; per-leaf priors there cost one
-        Cholesky factorisation; the SLQ rules for ``"matrix_free"``). Differentiable in
+        Cholesky factorisation; for ``"matrix_free"`` the fit's SLQ rules with a scalar prior,
+        a new SLQ run, ``num_iters`` data passes, with a per-leaf one). Differentiable in
         ``prior_precision`` and ``sigma_noise`` when they are tensors. Never changes ``self``.
 
         Args:
@@ -102,7 +103,8 @@ class LaplacePosterior:
         Cost:
             ``"full"``: :math:`O(n)` (scalar prior) or :math:`O(n^3)` (per leaf); ``"kfac"``:
             the number of parameters; ``"low_rank"``: :math:`O(nk + k^3)`; ``"matrix_free"``:
-            probes times Lanczos steps.
+            probes times Lanczos steps (scalar prior), or ``num_iters`` data passes of
+            ``num_probes`` GGN products (per-leaf prior).
 
         Example:
             Bayesian linear regression, where the Laplace evidence is exact:
@@ -156,7 +158,10 @@ class LaplacePosterior:
         log space and halved until the evidence does not fall. It stops when a step changes the
         prior by a relative ``tol`` (default 1e-8): near the optimum Newton converges
         quadratically, so the returned prior is accurate to about ``tol`` (relative), far under
-        1%. For ``"matrix_free"`` the objective is the SLQ estimate with its probes fixed.
+        1%. For ``"matrix_free"`` the objective is the SLQ estimate with its probes fixed; with
+        ``per_leaf=True`` every evaluation reruns SLQ (``num_iters`` data passes) and the
+        gradient and Hessian go through those Lanczos runs, which costs far more than a scalar
+        search.
 
         Args:
             per_leaf: one prior precision per covered leaf (``"layerwise"`` in laplace-torch)
@@ -335,7 +340,9 @@ def fit(
       ``cg_maxiter=200``, ``cg_tol=1e-10``, ``sample_iters=30``]: GGN products only; the
       log-determinant by stochastic Lanczos quadrature (:func:`hessfunc.slq`, ``num_iters``
       steps per probe) with its standard error; predictive variances by CG, samples by
-      Lanczos (``sample_iters`` steps). One prior precision for all parameters.
+      Lanczos (``sample_iters`` steps), all on :math:`P = fH + P_0`. A scalar prior reuses the
+      fit's Lanczos runs for every value; a per-leaf prior is not a shift of :math:`H`, so each
+      new one reruns SLQ from the same probes (``num_iters`` data passes).
 
     Args:
         model_fn: ``model_fn(params, *batch) -> outputs``.

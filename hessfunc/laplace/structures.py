@@ -25,6 +25,7 @@ from typing_extensions import override
 
 from ..linalg import solvers
 from ..linalg.lanczos import lanczos
+from ..linalg.slq import slq
 
 Tensor = torch.Tensor
 
@@ -266,10 +267,16 @@ class LowRank(Precision):
 class MatrixFree(Precision):
     r"""Products with :math:`H` only; :math:`\log\det P` by stochastic Lanczos quadrature.
 
-    The Lanczos runs are on :math:`H` itself, so the quadrature rules serve every scalar prior
-    :math:`\delta` and factor :math:`f` (the Krylov spaces of :math:`H` and :math:`fH + \delta
-    I` coincide): :math:`\log\det P \approx \frac1p \sum_k \|z_k\|^2 \sum_j w_{kj} \log(f
-    \theta_{kj} + \delta)`, with its standard error over the probes.
+    For a scalar prior :math:`\delta` the Lanczos runs made at fit time, on :math:`H` itself,
+    serve every :math:`\delta` and factor :math:`f` (the Krylov spaces of :math:`H` and :math:`fH
+    + \delta I` coincide, the Ritz values shift and scale): :math:`\log\det P \approx \frac1p
+    \sum_k \|z_k\|^2 \sum_j w_{kj} \log(f \theta_{kj} + \delta)`, with its standard error over
+    the probes. A prior with one value per leaf, :math:`P_0 = \operatorname{diag}(\delta)`, is
+    not a shift: its Krylov spaces differ, so each such prior runs SLQ again, on :math:`P = fH +
+    P_0` itself, from the same probes (``slq_steps`` data passes of ``num_probes`` products; the
+    rules then read :math:`\log\theta_{kj}`). Both are differentiable in :math:`f` and
+    :math:`\delta` (autograd, through the Lanczos run for per-leaf priors). Products with
+    :math:`P^{-1}` (CG) and :math:`P^{-1/2}` (Lanczos) use :math:`P` with either prior.
     """
 
     matvec: Callable[[Tensor], Tensor]
@@ -280,30 +287,30 @@ class MatrixFree(Precision):
     cg_maxiter: int
     cg_tol: float
     lanczos_steps: int
+    probes: Tensor  # (num_probes, n): the start vectors of the fit's Lanczos runs
+    slq_steps: int
 
-    def _scalar(self, delta: Tensor) -> Tensor:
-        if delta.dim() != 0:
-            raise ValueError(
-                "hessfunc.laplace: structure='matrix_free' supports one prior precision for "
-                "every parameter (a float), not one per leaf: its quadrature rules are shared "
-                "by all scalar priors only. Use structure='kfac', 'diag', 'low_rank' or 'full' "
-                "for per-leaf priors."
-            )
-        return delta
-
-    @override
-    def logdet(self, f: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
-        delta = self._scalar(delta)
-        samples = self.sq_norms * (self.weights * torch.log(f * self.nodes + delta)).sum(1)
+    @staticmethod
+    def _estimate(samples: Tensor) -> tuple[Tensor, Tensor]:
         p = samples.shape[0]
         mean = samples.mean()
         if p == 1:
             return mean, torch.full_like(mean, math.nan)
         return mean, samples.std() / math.sqrt(p)
 
+    @override
+    def logdet(self, f: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+        if delta.dim() == 0:  # the fit's rules, shifted: no data pass
+            logs = torch.log(f * self.nodes + delta)
+            return self._estimate(self.sq_norms * (self.weights * logs).sum(1))
+        res = slq(self._op(f, delta), self.probes, self.slq_steps)
+        logs = torch.log(res.nodes.clamp(min=torch.finfo(res.nodes.dtype).tiny))
+        return self._estimate(res.sq_norms * (res.weights * logs).sum(1))
+
     def _op(self, f: Tensor, delta: Tensor) -> Callable[[Tensor], Tensor]:
-        delta = self._scalar(delta)
-        return lambda v: f * self.matvec(v) + delta * v
+        """``v -> P v = f H v + P_0 v`` (``P_0`` a scalar or one value per parameter)."""
+        p = delta if delta.dim() == 0 else expand(delta, self.sizes)
+        return lambda v: f * self.matvec(v) + p * v
 
     @override
     def cov_rows(self, R: Tensor, f: Tensor, delta: Tensor) -> Tensor:
