@@ -133,6 +133,16 @@ def run_case(name, net, X, y, ours, theirs, subset, rows, notes, no_memory):
     return m_ours, m_theirs, n
 
 
+def report(args, title: str, intro: str, header, rows, notes, start: float) -> None:
+    """Print a section (intro, table, notes, total time) and record it with ``--record``."""
+    body = [intro, "", common.table(header, rows), "", *notes, ""]
+    body.append(f"Whole run: {time.perf_counter() - start:.0f} s.")
+    text = "\n".join(body)
+    print(text)
+    if args.record:
+        common.record(title, text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=1)
@@ -190,20 +200,15 @@ def main() -> None:
              "last_layer", rows, notes, args.no_memory)  # fmt: skip
     header = ["case", "n", "step", "hessfunc s", "laplace-torch s", "ratio", "hessfunc MiB",
               "laplace-torch MiB"]  # fmt: skip
-    body = [f"Machine: {common.machine('cpu')}; {args.threads} thread(s); float64; N = {N}.", ""]
-    body.append(common.table(header, rows))
-    body.append("")
-    body += notes
-    body.append(
+    notes.append(
         "- the largest whole-network Laplace each library and structure fits is measured by "
         "--largest (a growing MLP, one capped child process per size), not extrapolated here"
     )
-    body.append("")
-    body.append(f"Whole run: {time.perf_counter() - start:.0f} s.")
-    text = "\n".join(body)
-    print(text)
-    if args.record:
-        common.record("bench_laplace.py: Laplace fit and prior tuning against laplace-torch", text)
+    report(
+        args, "bench_laplace.py: Laplace fit and prior tuning against laplace-torch",
+        f"Machine: {common.machine('cpu')}; {args.threads} thread(s); float64; N = {N}.",
+        header, rows, notes, start,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------- the predictive
@@ -323,23 +328,15 @@ def predictive_main(args) -> None:
         gc.collect()
     header = ["case", "n", "test inputs", "route", "seconds", "speed-up vs Jacobians",
               "peak MiB"]  # fmt: skip
-    body = [
+    intro = (
         f"Machine: {common.machine('cpu')}; {args.threads} thread(s); float64. K-FAC posterior "
         f"(separate bias blocks, prior 1) fitted on {len(train[1])} training digits after 150 "
         f"Adam steps; probit predictive at the first {TEST_INPUTS} test digits in one call. "
         "Seconds: median of 3 calls after a warm-up; peak MiB: bytes allocated during one call "
-        "(profiler events).",
-        "",
-        common.table(header, rows),
-        "",
-        *notes,
-        "",
-        f"Whole run: {time.perf_counter() - start:.0f} s.",
-    ]
-    text = "\n".join(body)
-    print(text)
-    if args.record:
-        common.record("bench_laplace.py --predictive: the K-FAC predictive without Jacobians", text)
+        "(profiler events)."
+    )
+    title = "bench_laplace.py --predictive: the K-FAC predictive without Jacobians"
+    report(args, title, intro, header, rows, notes, start)
 
 
 # -- the largest network: one child process per size ---------------------------------------------
@@ -494,23 +491,15 @@ def largest(args: argparse.Namespace) -> None:
             )
     header = ["library", "structure", "largest MLP", "n", "fit + evidence s", "peak RSS GiB",
               "above start GiB", "next size"]  # fmt: skip
-    body = [
+    intro = (
         f"Machine: {common.machine('cpu')}, {total / 2**30:.0f} GiB shared with other users; "
         f"one thread; float64; sklearn digits (N = 1797, 10 classes); MLP 64-h-h-10 tanh, h "
         f"grown x{GROWTH} per step from 16; caps per size: {args.cap_s:.0f} s wall clock and "
         f"{args.cap_gib:.0f} GiB resident memory (child killed above either); one child at a "
-        "time.",
-        "",
-        common.table(header, rows),
-        "",
-        *notes,
-        "",
-        f"Whole run: {time.perf_counter() - start:.0f} s.",
-    ]
-    text = "\n".join(body)
-    print(text)
-    if args.record:
-        common.record("bench_laplace.py --largest: the largest whole-network Laplace", text)
+        "time."
+    )
+    title = "bench_laplace.py --largest: the largest whole-network Laplace"
+    report(args, title, intro, header, rows, notes, start)
 
 
 def _why(fail) -> str:

@@ -197,6 +197,20 @@ def train_hessfunc_compiled(
     return run, first
 
 
+def jax_autoencoder(p, x):
+    """The autoencoder's logits in JAX, weights stored (in, out) as ``h @ w + b``: the form
+    kfac-jax's layer matcher registers as a dense layer (with ``w.T`` it finds none)."""
+    import jax.numpy as jnp
+
+    last = len(SIZES) - 2
+    h = x
+    for i in range(last + 1):
+        h = h @ p[f"w{i}"] + p[f"b{i}"]
+        if i != last and i != 2:
+            h = jnp.tanh(h)
+    return h
+
+
 def train_kfac_jax(
     X,
     order,
@@ -237,17 +251,9 @@ def train_kfac_jax(
         return None
     jax.config.update("jax_enable_x64", False)
     params = {k: jnp.asarray((v.T if k[0] == "w" else v).numpy()) for k, v in init_params().items()}
-    last = len(SIZES) - 2
     pixels = SIZES[-1]
     l2 = 1e-5 / pixels
-
-    def forward(p, x):
-        h = x
-        for i in range(last + 1):
-            h = h @ p[f"w{i}"] + p[f"b{i}"]
-            if i != last and i != 2:
-                h = jnp.tanh(h)
-        return h
+    forward = jax_autoencoder
 
     def loss_fn(p, batch):
         logits = forward(p, batch)
@@ -354,14 +360,9 @@ def kfac_jax_agreement(X, order, steps: int = 3) -> dict[str, float] | None:
         X64 = X.to(f64)
         p = {k: v.to(f64) for k, v in init_params().items()}
         jp = {k: jnp.asarray((v.T if k[0] == "w" else v).numpy()) for k, v in p.items()}
-        last = len(SIZES) - 2
 
         def loss_fn(q, x):
-            h = x
-            for i in range(last + 1):
-                h = h @ q[f"w{i}"] + q[f"b{i}"]
-                if i != last and i != 2:
-                    h = jnp.tanh(h)
+            h = jax_autoencoder(q, x)
             kfac_jax.register_sigmoid_cross_entropy_loss(h, x, weight=1.0 / SIZES[-1])
             return (jnp.logaddexp(0.0, h) - x * h).mean()
 
