@@ -145,9 +145,7 @@ def test_lower_precision_model_outputs_warn_in_gauss_newton_and_fisher():
 
 def test_lower_precision_check_survives_fullgraph_compile():
     hessfunc._base._checks._WARNED.clear()
-    compiled = torch.compile(
-        lambda w, v: hessfunc.hvp(_upcast_loss, w, v, X), fullgraph=True
-    )
+    compiled = torch.compile(lambda w, v: hessfunc.hvp(_upcast_loss, w, v, X), fullgraph=True)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         got = compiled(W, W)
