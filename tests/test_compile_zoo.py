@@ -293,13 +293,15 @@ def products(apply, per_sample: bool, float_inputs: bool, dtype, classes: int = 
             "exact",
         )  # fmt: skip
         # the first K-FAC step (factors, eigendecompositions, the quadratic model's step size
-        # and momentum); the new parameters only: eigenvectors in the state have free signs
+        # and momentum); the new parameters only: eigenvectors in the state have free signs.
+        # Fixed draws for the diagonal of leaves no Kronecker block covers (norms, embeddings)
         out["optim.kfac"] = (
             lambda p, v, w, x, y: hessfunc.optim.kfac(model_xy, ce).step(
-                p, hessfunc.optim.kfac(model_xy, ce).init(p), x, y, refresh=True
+                p, hessfunc.optim.kfac(model_xy, ce).init(p), x, y,
+                noise=_noise(y, classes, p)[:1], refresh=True,
             )[0],
             "exact",
-        )
+        )  # fmt: skip
         out["optim.sharpness"] = (
             lambda p, v, w, x, y: (
                 hessfunc.optim.sharpness(model_xy, ce, num_iters=3)
