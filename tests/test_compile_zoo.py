@@ -333,6 +333,14 @@ def products(apply, per_sample: bool, float_inputs: bool, dtype, classes: int = 
             ),
             "exact",
         )
+        # the K-FAC posterior's linearised predictive: J Σ Jᵀ from the layers' inputs and
+        # output gradients (no per-sample Jacobian), fitted and evaluated in one graph
+        out["laplace.predictive[kfac]"] = (
+            lambda p, v, w, x, y: hessfunc.laplace.fit(
+                lambda q, x, *rest: apply(q, x), ce, p, [(x, y)], structure="kfac"
+            ).predictive(x, link="none"),
+            "exact",
+        )
         out["optim.hessian_free"] = (
             lambda p, v, w, x, y: hessfunc.optim.hessian_free(model_xy, ce, maxiter=2).step(
                 p, hessfunc.optim.hessian_free(model_xy, ce).init(p), x, y
